@@ -1,0 +1,39 @@
+"""Data layer: dataset loaders (CIFAR-10, digits, synthetic) and a device-resident loader.
+
+Typical use::
+
+    from mixq.data import TensorLoader, get_dataset
+
+    ds = get_dataset("cifar10", data_dir="~/data")
+    train = TensorLoader(ds.x_train, ds.y_train, 512, train=True, augment=True,
+                         drop_last=True, seed=0, device="cuda")
+    for epoch in range(epochs):
+        train.set_epoch(epoch)
+        for x, y in train: ...
+"""
+
+from mixq.data.arrays import DatasetArrays
+from mixq.data.cifar10 import CifarArrays, load_cifar10
+from mixq.data.digits import load_digits_arrays
+from mixq.data.download import download_cifar10
+from mixq.data.errors import DataError
+from mixq.data.loader import TensorLoader
+from mixq.data.paths import resolve_data_dir
+from mixq.data.registry import DATASETS, get_dataset
+from mixq.data.safe_pickle import safe_load_pickle
+from mixq.data.synthetic import synthetic_arrays
+
+__all__ = [
+    "DATASETS",
+    "CifarArrays",
+    "DataError",
+    "DatasetArrays",
+    "TensorLoader",
+    "download_cifar10",
+    "get_dataset",
+    "load_cifar10",
+    "load_digits_arrays",
+    "resolve_data_dir",
+    "safe_load_pickle",
+    "synthetic_arrays",
+]
