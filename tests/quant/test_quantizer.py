@@ -32,7 +32,9 @@ def test_u3_surrogate_zero_gradient_at_floor():
     q = UniformQuantizer("d_qmax", signed=True, d=0.5, q_max=0.6)  # k = 1 -> b = 2 = b_min
     assert q.bitwidth == 2
     s = q.bitwidth_surrogate()
-    assert s.item() == 2.0 and not s.requires_grad
+    assert s.item() == 2.0
+    s.backward()
+    assert q.d.grad.item() == 0.0 and q.q_max.grad.item() == 0.0
 
 
 def test_p3_surrogate_gradient():

@@ -8,7 +8,6 @@ and ``bytes()`` (for empty bytes). Everything else is refused.
 
 from __future__ import annotations
 
-import codecs
 import importlib
 import io
 import os
@@ -32,7 +31,8 @@ def _numpy_attr(module: str, name: str) -> Any:
 
 def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode`` restricted to the latin-1 form that pickle uses for bytes."""
-    if codecs.lookup(encoding).name != "iso8859-1" or not isinstance(obj, str):
+    normalized = str(encoding).lower().replace("-", "").replace("_", "")
+    if normalized not in {"latin1", "iso88591"} or not isinstance(obj, str):
         raise pickle.UnpicklingError(f"refused _codecs.encode with encoding {encoding!r}")
     return obj.encode("latin-1", errors)
 

@@ -106,27 +106,27 @@ class Pow2Quantizer(Quantizer):
     @property
     def bitwidth(self) -> int:
         """The integer bitwidth of spec 5.2."""
-        if self.parametrization != "qmin_qmax":
-            with torch.no_grad():
-                return int(ste_round(self._clip("b")))
-        b = self.exponent_span.bit_length() + 1  # = ceil(log2(L + 1) + 1)
-        return max(b, int(self.bounds.b_min))
+        with torch.no_grad():
+            return int(self.bitwidth_surrogate())
 
     def bitwidth_surrogate(self) -> Tensor:
         """Differentiable bitwidth whose value equals :attr:`bitwidth` (spec 5.2).
 
-        P1/P2: ``round(clip(b))`` with STE. P3: STE view of ``ceil(log2(L + 1) + 1)``, giving
-        ``db/dq_max = 1/((ln2)^2 (L+1) q_max)``, ``db/dq_min = -1/((ln2)^2 (L+1) q_min)``
-        (raw parameters); zero gradient at the ``b_min`` floor.
+        P1/P2: ``round(clip(b))`` with STE. P3: STE view of ``max(ceil(log2(L + 1) + 1), b_min)``
+        with ``L = log2(x_max / x_min)``, giving ``db/dq_max = 1/((ln2)^2 (L+1) q_max)``,
+        ``db/dq_min = -1/((ln2)^2 (L+1) q_min)`` (raw parameters); zero gradient at the
+        ``b_min`` floor. Exact without host sync: ``L`` and ``ceil(log2(L + 1))`` come from
+        ``frexp`` exponents (``x_max / x_min`` is an exact power of two).
         """
         if self.parametrization != "qmin_qmax":
             return ste_round(self._clip("b"))
         x_min, x_max = self.derived()
-        smooth = torch.log2(torch.log2(x_max / x_min) + 1.0) + 1.0
-        exact = float(self.bitwidth)
-        if exact <= self.bounds.b_min:
-            return smooth.detach().new_tensor(exact)
-        return smooth - smooth.detach() + exact
+        ratio = x_max / x_min
+        L = (torch.frexp(ratio.detach()).exponent - 1).to(ratio.dtype)
+        exact = torch.frexp(L).exponent.to(ratio.dtype) + 1.0
+        smooth = torch.log2(torch.log2(ratio) + 1.0) + 1.0
+        b_min = self.bounds.b_min
+        return torch.where(exact > b_min, smooth - smooth.detach() + exact, exact.clamp(min=b_min))
 
     def set_from_range(self, b: int, q_max: float, d: float) -> None:
         """Pow-2 init from the uniform one (spec 6): ``q_max0 = 2^round(log2 q_max)``,

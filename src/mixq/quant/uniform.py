@@ -115,28 +115,32 @@ class UniformQuantizer(Quantizer):
 
     @property
     def bitwidth(self) -> int:
-        """The integer bitwidth of spec 5.2 (sign bit included when signed)."""
-        if self.parametrization != "d_qmax":
-            with torch.no_grad():
-                return int(ste_round(self._clip("b")))
-        b = self.levels.bit_length() + (1 if self.signed else 0)  # = ceil(log2(k+1)) (+1)
-        return max(b, int(self.bounds.b_min))
+        """The integer bitwidth of spec 5.2 (sign bit included when signed).
+
+        U2 caveat (spec 1.3): ``round(x_hi / d_q)`` can reach ``2^n_eff`` when the step is
+        rounded down; the reference code still charges ``b`` bits, and so does this value.
+        """
+        with torch.no_grad():
+            return int(self.bitwidth_surrogate())
 
     def bitwidth_surrogate(self) -> Tensor:
         """Differentiable bitwidth whose value equals :attr:`bitwidth` (spec 5.2).
 
         U1/U2: ``round(clip(b))`` with STE (``db/db = 1`` inside the bounds). U3: the STE view
-        of ``ceil(log2(round(x_hi/d_q) + 1) + 1)``, giving ``db/dq_max = 1/(ln2 (r+1) d_q)``,
-        ``db/dd = -x_hi/(ln2 (r+1) d_q^2) * d_q/d``; zero gradient at the ``b_min`` floor.
+        of ``max(ceil(log2(round(x_hi/d_q) + 1) + 1), b_min)`` (no ``+1`` when unsigned), giving
+        ``db/dq_max = 1/(ln2 (r+1) d_q)``, ``db/dd = -x_hi/(ln2 (r+1) d_q^2) * d_q/d``; zero
+        gradient at the ``b_min`` floor. No host sync: ``ceil(log2(k+1))`` is the exponent of
+        ``frexp(k)`` (the bit length of the integer ``k``), exact in floating point.
         """
         if self.parametrization != "d_qmax":
             return ste_round(self._clip("b"))
         d_q, x_hi = self.derived()
-        smooth = torch.log2(ste_round(x_hi / d_q) + 1.0) + (1.0 if self.signed else 0.0)
-        exact = float(self.bitwidth)
-        if exact <= self.bounds.b_min:
-            return smooth.detach().new_tensor(exact)
-        return smooth - smooth.detach() + exact
+        r = ste_round(x_hi / d_q)
+        sign_bit = 1.0 if self.signed else 0.0
+        exact = torch.frexp(r.detach()).exponent.to(r.dtype) + sign_bit
+        smooth = torch.log2(r + 1.0) + sign_bit
+        b_min = self.bounds.b_min
+        return torch.where(exact > b_min, smooth - smooth.detach() + exact, exact.clamp(min=b_min))
 
     def set_from_range(self, b: int, q_max: float, d: float) -> None:
         """Set ``(b, d)``, ``(b, q_max)`` or ``(d, q_max)`` from an initial triple."""

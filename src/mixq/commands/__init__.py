@@ -1,0 +1,1 @@
+"""One module per ``mixq`` sub-command (see ``mixq.cli``)."""

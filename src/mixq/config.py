@@ -1,0 +1,236 @@
+"""Frozen, validated configuration dataclasses and their YAML / dict / ``key=value`` loading.
+
+``from_dict(cls, data)`` builds a (nested) dataclass from plain data and rejects unknown keys
+with a "did you mean" suggestion; ``apply_overrides(data, ["a.b=1"])`` edits the plain data
+before validation; ``to_dict`` dumps it back (for the run directory's resolved config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mixq.quant.bounds import default_bounds
+from mixq.quant.registry import parse_spec
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    return f" Did you mean {hint[0]!r}?" if hint else ""
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key {path!r}; valid keys here: {sorted(fields)}."
+                + _suggest(str(key), list(fields))
+            )
+        kwargs[key] = _convert(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, scalars) of a dataclass, for YAML/JSON dumps."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a clear error for a missing file or another top-level type."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (value parsed as YAML) to a copy of ``data``."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad override {item!r}: expected key=value, e.g. optim.lr=0.01")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"bad override {item!r}: cannot parse value ({e})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"bad override {item!r}: {p!r} is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+# -- quantization config -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """How one kind of tensor (weights, biases or activations) is quantized.
+
+    Attributes:
+        quantizer: ``"kind/parametrization"`` (e.g. ``"uniform/d_qmax"``, ``"pow2/qmin_qmax"``)
+            or ``"float"`` to leave the tensor unquantized (counted at 32 bits).
+        bits: initial bitwidth ``b0`` (spec 6).
+        learnable: False freezes the quantizer (the "Fixed" baselines).
+        pow2_step: uniform only: round the step to a power of two (decision 2).
+        bounds: overrides of ``b_min``, ``b_max``, ``d_min``, ... (spec 1.4, 2.3).
+    """
+
+    quantizer: str = "uniform/d_qmax"
+    bits: int = 4
+    learnable: bool = True
+    pow2_step: bool = True
+    bounds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.quantizer != "float":
+            try:
+                kind, _ = parse_spec(self.quantizer)
+            except ValueError as e:
+                raise ConfigError(f"{e} (or 'float')") from None
+            try:
+                default_bounds(kind, True, **self.bounds)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if not 1 <= self.bits <= 16:
+            raise ConfigError(f"bits={self.bits} must be in [1, 16]")
+
+    @property
+    def is_float(self) -> bool:
+        """True when this site stays in float32."""
+        return self.quantizer == "float"
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer settings for modules whose fully-qualified name matches ``pattern`` (fnmatch).
+
+    A ``None`` field keeps the global setting.
+    """
+
+    pattern: str
+    weight: SiteConfig | None = None
+    bias: SiteConfig | None = None
+    activation: SiteConfig | None = None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What ``mixq.quantize_model`` does. The default is the paper's: uniform ``d_qmax`` for
+    every weight, bias and activation, all started at 4 bits, first and last layers included.
+
+    Attributes:
+        weight, activation: global site settings.
+        bias: bias settings; None means "like the weight" (decision 4: own quantizer, same init).
+        overrides: per-layer settings, applied in order (later ones win).
+        exclude: fnmatch patterns of layers (conv, linear or activation) left in float.
+        init_from_weights: initialise weight and bias quantizers from the float weights
+            (spec 6); otherwise the data-free ``d0 = 2^-3``.
+        input_shape: per-sample input shape for the dry forward (default: the model's
+            ``default_input_shape``).
+    """
+
+    weight: SiteConfig = field(default_factory=SiteConfig)
+    bias: SiteConfig | None = None
+    activation: SiteConfig = field(default_factory=SiteConfig)
+    overrides: tuple[LayerOverride, ...] = ()
+    exclude: tuple[str, ...] = ()
+    init_from_weights: bool = True
+    input_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> QuantConfig:
+        """Load from a YAML file with the same keys as the dataclass."""
+        return from_dict(cls, load_yaml(path))

@@ -1,0 +1,135 @@
+"""Quantized layers: module swaps that share the float layer's ``Parameter``s.
+
+``QuantConv2d`` / ``QuantLinear`` compute ``f(Q_w(W) * x + Q_b(c))`` (paper Eq. 7, with a separate
+bias quantizer as the reference code, decision 4). ``QuantAct`` replaces an ``nn.ReLU`` or
+``nn.ReLU6``: an unsigned quantizer clips to ``[0, x_hi]``, which *is* the ReLU (decision 5);
+ReLU6 adds the cap at 6 first. A ``QuantAct`` without quantizer is a float activation site, kept
+so that the memory model can count it at 32 bits. None of these layers has math of its own.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixq.quant.base import Quantizer
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight and bias pass through their own quantizers."""
+
+    weight_quantizer: Quantizer | None
+    bias_quantizer: Quantizer | None
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, weight_q: Quantizer | None, bias_q: Quantizer | None
+    ) -> QuantConv2d:
+        """Wrap ``conv``, sharing its ``weight`` and ``bias`` Parameters (no copy)."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode={conv.padding_mode!r} is not supported by QuantConv2d; use "
+                "'zeros' or exclude the layer from quantization"
+            )
+        q = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+        )  # fmt: skip
+        q.weight, q.bias = conv.weight, conv.bias
+        q.weight_quantizer = weight_q
+        q.bias_quantizer = bias_q if conv.bias is not None else None
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` sharing this layer's Parameters."""
+        c = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
+        )  # fmt: skip
+        c.weight, c.bias = self.weight, self.bias
+        return c
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``conv(x, Q_w(W), Q_b(bias))``."""
+        w = self.weight_quantizer(self.weight) if self.weight_quantizer else self.weight
+        b = self.bias
+        if b is not None and self.bias_quantizer is not None:
+            b = self.bias_quantizer(b)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose weight and bias pass through their own quantizers."""
+
+    weight_quantizer: Quantizer | None
+    bias_quantizer: Quantizer | None
+
+    @classmethod
+    def from_float(
+        cls, fc: nn.Linear, weight_q: Quantizer | None, bias_q: Quantizer | None
+    ) -> QuantLinear:
+        """Wrap ``fc``, sharing its ``weight`` and ``bias`` Parameters (no copy)."""
+        q = cls(fc.in_features, fc.out_features, fc.bias is not None, device="meta")
+        q.weight, q.bias = fc.weight, fc.bias
+        q.weight_quantizer = weight_q
+        q.bias_quantizer = bias_q if fc.bias is not None else None
+        return q
+
+    def to_float(self) -> nn.Linear:
+        """The plain ``nn.Linear`` sharing this layer's Parameters."""
+        fc = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        fc.weight, fc.bias = self.weight, self.bias
+        return fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x @ Q_w(W)^T + Q_b(bias)``."""
+        w = self.weight_quantizer(self.weight) if self.weight_quantizer else self.weight
+        b = self.bias
+        if b is not None and self.bias_quantizer is not None:
+            b = self.bias_quantizer(b)
+        return F.linear(x, w, b)
+
+
+ACTIVATIONS: dict[type[nn.Module], float | None] = {nn.ReLU: None, nn.ReLU6: 6.0}
+"""Activation modules that an unsigned quantizer replaces, with their upper cap."""
+
+
+class QuantAct(nn.Module):
+    """An activation site: ``Q_x(min(x, cap))`` with an unsigned quantizer (it is the ReLU), or
+    the float activation when ``quantizer`` is None (counted at 32 bits).
+
+    Attributes:
+        quantizer: the unsigned activation quantizer, or None for a float site.
+        cap: 6.0 for a replaced ``nn.ReLU6``, else None.
+        numel: elements per sample at this site (recorded by one dry forward).
+    """
+
+    def __init__(self, quantizer: Quantizer | None, cap: float | None = None) -> None:
+        super().__init__()
+        if quantizer is not None and quantizer.signed:
+            raise ValueError("an activation quantizer replacing a ReLU must be unsigned")
+        self.quantizer = quantizer
+        self.cap = cap
+        self.numel: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Quantize (which includes the ReLU) or apply the float activation."""
+        if self.quantizer is None:
+            return F.relu6(x) if self.cap == 6.0 else F.relu(x)
+        if self.cap is not None:
+            x = x.clamp(max=self.cap)
+        return self.quantizer(x)
+
+    def to_float(self) -> nn.Module:
+        """The original ``nn.ReLU`` / ``nn.ReLU6``."""
+        return nn.ReLU6() if self.cap == 6.0 else nn.ReLU()
+
+    def extra_repr(self) -> str:
+        return f"cap={self.cap}, numel={self.numel}" + ("" if self.quantizer else ", float")
+
+
+QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+"""The module-swap mapping: float layer type -> quantized layer type."""
