@@ -14,6 +14,10 @@ import sys
 #: Command name -> module under ``mixq.commands``. Imported lazily so that ``mixq --help``
 #: stays fast and optional extras are only needed by the commands that use them.
 COMMANDS: dict[str, str] = {
+    "train": "train",
+    "eval": "evaluate",
+    "report": "report_cmd",
+    "presets": "presets_cmd",
     "toy": "toy",
 }
 

@@ -35,12 +35,18 @@ def _build(site: SiteConfig, signed: bool) -> Quantizer | None:
 
 
 def _site(cfg: QuantConfig, name: str, which: str) -> SiteConfig:
-    """The effective site config of module ``name``: global, then matching overrides."""
-    base = cfg.weight if which == "bias" and cfg.bias is None else getattr(cfg, which)
+    """The effective site config of module ``name``: global, then matching overrides.
+
+    A bias without a config of its own (``QuantConfig.bias`` None) follows its layer's weight
+    config, overrides included (decision 4); an explicit global ``bias`` is kept unless an
+    override sets ``bias`` itself.
+    """
+    follow_weight = which == "bias" and cfg.bias is None
+    base = cfg.weight if follow_weight else getattr(cfg, which)
     for ov in cfg.overrides:
         if fnmatch.fnmatchcase(name, ov.pattern):
             chosen = getattr(ov, which)
-            if which == "bias" and chosen is None:
+            if follow_weight and chosen is None:
                 chosen = ov.weight
             base = chosen or base
     return base
@@ -92,6 +98,10 @@ def quantize_model(
         40
     """
     cfg = config or QuantConfig()
+    # Checked first: a fully converted model has no plain nn.Conv2d / nn.Linear left, and the
+    # "no quantizable layer" error below would hide the real cause.
+    if any(isinstance(m, (*QUANTIZED_LAYERS, QuantAct)) for m in model.modules()):
+        raise ValueError("model is already quantized; call mixq.to_float(model) first")
     candidates = [
         (n, m)
         for n, m in model.named_modules()
@@ -101,8 +111,6 @@ def quantize_model(
         raise ValueError(
             "model has no quantizable layer (nn.Conv2d or nn.Linear); nothing to quantize"
         )
-    if any(isinstance(m, (*QUANTIZED_LAYERS, QuantAct)) for m in model.modules()):
-        raise ValueError("model is already quantized; call mixq.to_float(model) first")
     _check_patterns(cfg, [n for n, _ in candidates])
     for name, mod in candidates:
         excluded = any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)

@@ -14,6 +14,7 @@ Every ``*_bits`` function is a differentiable function of the quantizer paramete
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -41,17 +42,15 @@ def parse_size(value: str | float | int) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         num, unit = float(value), ""
     else:
-        m = re.fullmatch(
-            r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value)
-        )
+        m = re.fullmatch(_SIZE_RE, str(value))
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(
                 f"cannot parse size {value!r}: use a number with a unit B, KB, MB or GB "
                 "(1 KB = 1024 bytes), e.g. '70KB' or '5.4MB'"
             )
         num, unit = float(m.group(1)), m.group(2).lower()
-    if not num > 0:
-        raise ValueError(f"size {value!r} must be positive")
+    if not (num > 0 and math.isfinite(num)):
+        raise ValueError(f"size {value!r} must be a positive, finite number of bytes")
     return num * _UNITS[unit]
 
 
@@ -115,7 +114,9 @@ def activation_bits(model: nn.Module, reduction: str = "sum") -> Tensor:
     if reduction == "sum":
         return per_site.sum()
     if reduction == "max":
-        return per_site.max()
+        # Index the first argmax instead of ``per_site.max()``: torch splits the gradient of a
+        # full max evenly between tied sites, the reference code gives it all to the first.
+        return per_site[per_site.detach().argmax()]
     raise ValueError(f"unknown activation reduction {reduction!r}; valid: ['max', 'sum']")
 
 

@@ -32,9 +32,17 @@ class QuantConv2d(nn.Conv2d):
                 "'zeros' or exclude the layer from quantization"
             )
         q = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-        )  # fmt: skip
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+        )
         q.weight, q.bias = conv.weight, conv.bias
         q.weight_quantizer = weight_q
         q.bias_quantizer = bias_q if conv.bias is not None else None
@@ -43,9 +51,17 @@ class QuantConv2d(nn.Conv2d):
     def to_float(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` sharing this layer's Parameters."""
         c = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
-        )  # fmt: skip
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
+        )
         c.weight, c.bias = self.weight, self.bias
         return c
 

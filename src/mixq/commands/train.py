@@ -1,0 +1,78 @@
+"""``mixq train``: run an experiment from a YAML config or a preset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixq.config import ConfigError, load_yaml
+from mixq.presets import DEFAULT_PRESET, FLOAT_INIT, get_preset
+from mixq.run_config import TrainConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``train``."""
+    p = sub.add_parser(
+        "train",
+        help="train a (mixed-precision) network",
+        description="Train from --config FILE.yaml or --preset NAME (default: the embedded "
+        f"{DEFAULT_PRESET}), with --set key=value overrides.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", help="YAML config file")
+    src.add_argument("--preset", help="preset name (see: mixq presets)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.01 (repeatable)",
+    )
+    p.add_argument("--init", help="float checkpoint to start from (sets the config's init)")
+    p.add_argument("--run-dir", help="output folder (default: runs/<preset or config name>)")
+    p.add_argument("--data-dir", help="dataset folder (else config data.dir, else $MIXQ_DATA)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The validated config and a default run name from the CLI arguments."""
+    if args.config:
+        data, name = load_yaml(args.config), Path(args.config).stem
+    else:
+        name = args.preset or DEFAULT_PRESET
+        data = get_preset(name)
+    overrides = list(args.overrides)
+    if args.init:
+        overrides.append(f"init={args.init}")
+    cfg = TrainConfig.from_data(data, overrides)
+    if cfg.init == "REQUIRED":
+        raise ConfigError(f"preset {name!r} {FLOAT_INIT}")
+    return cfg, name
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print the final report."""
+    from mixq.train import fit
+
+    cfg, name = resolve_config(args)
+    run_dir = Path(args.run_dir or Path("runs") / name.replace("/", "_"))
+    if cfg.description:
+        print(f"{name}: {cfg.description}")
+    summary = fit(
+        cfg, run_dir, resume=args.resume, data_dir=args.data_dir, progress=not args.no_progress
+    )
+    print((run_dir / "report.txt").read_text())
+    best = summary["best"]
+    if best["epoch"] is None:
+        print("no epoch met every budget: no best.pt was written")
+    else:
+        print(
+            f"best: test acc {100 * best['acc']:.2f}% at epoch {best['epoch']} -> "
+            f"{run_dir / 'best.pt'}"
+        )
+    print(f"run directory: {run_dir}")
+    return 0

@@ -1,0 +1,227 @@
+"""Presets: every CIFAR-10 experiment of the paper, named after its table row.
+
+``PRESETS`` maps a name such as ``cifar10/resnet20/u3-w70kb-amax8kb`` to plain config data
+(a partial :class:`~mixq.run_config.TrainConfig`); ``mixq presets`` lists them and
+``mixq presets --show NAME`` prints one as YAML. Names:
+
+* ``float``: the float baseline (lr 0.1, spec 7.1).
+* Table 1 (no memory constraint): ``t1-{u1,u2,u3,p1,p2,p3}-{w,wa}-{random,float}``, i.e.
+  parametrization U1 ``b_d``, U2 ``b_qmax``, U3 ``d_qmax``, P1 ``b_qmin``, P2 ``b_qmax``,
+  P3 ``qmin_qmax``; weights only or weights + activations; from a random or a float init.
+* Table 3: ``fixed-{u,p}-w2[a4]`` (fixed 2-bit weights [4-bit activations]),
+  ``tqt-{u,p}-w2[a4]`` (learned range at fixed bits), ``{u3,p3}-w70kb`` (8a),
+  ``{u3,p3}-w70kb-asum92kb`` (8a + 8b), ``{u3,p3}-w70kb-amax8kb`` (8a + 8c).
+* Short CPU recipes: ``float-30ep`` and ``u3-w70kb-15ep`` (see the README's results).
+* ``digits/smallcnn/...``: the embedded default on scikit-learn's 8x8 digits.
+
+Learning rates follow the reference cfg sections (spec 9.2): 0.03 for quantized runs, 0.003 for
+P1, Adam 0.001 for the float-init uniform Table 1 rows (the runs its ``get_res.py`` reads).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any
+
+_SPEC = {
+    "u1": "uniform/b_d",
+    "u2": "uniform/b_qmax",
+    "u3": "uniform/d_qmax",
+    "p1": "pow2/b_qmin",
+    "p2": "pow2/b_qmax",
+    "p3": "pow2/qmin_qmax",
+}
+
+_CIFAR: dict[str, Any] = {
+    "model": {"name": "resnet20"},
+    "data": {"name": "cifar10", "batch_size": 128},
+    "optim": {
+        "name": "sgd",
+        "lr": 0.03,
+        "momentum": 0.9,
+        "weight_decay": 2e-4,
+        "schedule": "step",
+        "milestones": [80, 120],
+        "epochs": 160,
+    },
+}
+
+FLOAT_INIT = "needs a float checkpoint: --init PATH (e.g. the best.pt of cifar10/resnet20/float)"
+
+
+def _cifar(
+    desc: str,
+    quant: dict | None,
+    lr: float = 0.03,
+    init: bool = True,
+    budget: dict | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    cfg = copy.deepcopy(_CIFAR)
+    cfg["description"] = desc + (f" [{FLOAT_INIT}]" if init else "")
+    cfg["quant"] = quant
+    cfg["optim"]["lr"] = lr
+    if budget:
+        cfg["budget"] = budget
+    if init:
+        cfg["init"] = "REQUIRED"
+    for k, v in extra.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def _site(spec: str, bits: int = 4, **kw: Any) -> dict[str, Any]:
+    return {"quantizer": spec, "bits": bits, **kw}
+
+
+def _table1() -> dict[str, dict]:
+    out = {}
+    for short, spec in _SPEC.items():
+        for what in ("w", "wa"):
+            for init in ("random", "float"):
+                act = _site(spec) if what == "wa" else _site("float")
+                quant = {
+                    "weight": _site(spec),
+                    "activation": act,
+                    "init_from_weights": init == "float",
+                }
+                lr = 0.003 if short == "p1" else 0.03
+                extra: dict[str, Any] = {}
+                if init == "float" and short.startswith("u"):
+                    lr, extra = 0.001, {"optim": {"name": "adam"}}
+                desc = (
+                    f"Table 1, {short.upper()} {spec}, "
+                    f"{'weights' if what == 'w' else 'weights + activations'}, {init} init"
+                )
+                out[f"cifar10/resnet20/t1-{short}-{what}-{init}"] = _cifar(
+                    desc, quant, lr=lr, init=init == "float", **extra
+                )
+    return out
+
+
+def _table3() -> dict[str, dict]:
+    out = {}
+    fl = _site("float")
+    for k, fixed_spec, tqt_spec, learned in (
+        ("u", "uniform/b_d", "uniform/b_qmax", "u3"),
+        ("p", "pow2/b_qmax", "pow2/b_qmax", "p3"),
+    ):
+        pow2 = k == "p"
+        scale = {"logit_scale": True} if pow2 else {}
+        w2 = _site(fixed_spec, 2, learnable=False)
+        a4 = _site(fixed_spec, 4, learnable=False)
+        out[f"cifar10/resnet20/fixed-{k}-w2"] = _cifar(
+            "Table 3, Fixed 2-bit weights", {"weight": w2, "activation": fl}, **scale
+        )
+        out[f"cifar10/resnet20/fixed-{k}-w2a4"] = _cifar(
+            "Table 3, Fixed 2-bit weights / 4-bit activations",
+            {"weight": w2, "activation": a4},
+            **scale,
+        )
+        tw = _site(tqt_spec, 2, bounds={"b_min": 2, "b_max": 2})
+        ta = _site(tqt_spec, 4, bounds={"b_min": 4, "b_max": 4})
+        out[f"cifar10/resnet20/tqt-{k}-w2"] = _cifar(
+            "Table 3, TQT: learned range at fixed 2-bit weights",
+            {"weight": tw, "activation": fl},
+            **scale,
+        )
+        out[f"cifar10/resnet20/tqt-{k}-w2a4"] = _cifar(
+            "Table 3, TQT: learned ranges at fixed 2-bit weights / 4-bit activations",
+            {"weight": tw, "activation": ta},
+            **scale,
+        )
+        spec = _SPEC[learned]
+        w = _site(spec, 4, bounds={"b_min": 1}) if pow2 else _site(spec, 4)
+        a = _site(spec, 6 if pow2 else 4)
+        for suffix, budget, act, row in (
+            ("w70kb", {"weight": "70KB"}, fl, "8a"),
+            ("w70kb-asum92kb", {"weight": "70KB", "activation_sum": "92KB"}, a, "8a + 8b"),
+            ("w70kb-amax8kb", {"weight": "70KB", "activation_max": "8KB"}, a, "8a + 8c"),
+        ):
+            out[f"cifar10/resnet20/{learned}-{suffix}"] = _cifar(
+                f"Table 3, Ours ({row}), {spec}",
+                {"weight": w, "activation": act},
+                budget=budget,
+                **scale,
+            )
+    return out
+
+
+def _short() -> dict[str, dict]:
+    fast = _cifar(
+        "Float ResNet-20, 30-epoch CPU recipe: SGD Nesterov, one-cycle to lr 0.2, "
+        "weight decay 5e-4, label smoothing 0.1",
+        None,
+        lr=0.2,
+        init=False,
+        optim={
+            "nesterov": True,
+            "schedule": "onecycle",
+            "epochs": 30,
+            "weight_decay": 5e-4,
+            "label_smoothing": 0.1,
+            "pct_start": 0.2,
+        },
+    )
+    q = _cifar(
+        "U3 d_qmax weights under the paper's 70 KB budget, 15-epoch fine-tune (cosine)",
+        {"weight": _site("uniform/d_qmax"), "activation": _site("float")},
+        lr=0.02,
+        budget={"weight": "70KB"},
+        optim={"schedule": "cosine", "epochs": 15},
+    )
+    return {"cifar10/resnet20/float-30ep": fast, "cifar10/resnet20/u3-w70kb-15ep": q}
+
+
+def _digits() -> dict[str, dict]:
+    base = {
+        "model": {"name": "smallcnn"},
+        "data": {"name": "digits", "batch_size": 64, "augment": False},
+        "optim": {
+            "name": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 2e-4,
+            "schedule": "cosine",
+            "epochs": 30,
+        },
+    }
+    fl = copy.deepcopy(base)
+    fl.update(description="Float small CNN on scikit-learn's 8x8 digits", quant=None)
+    q = copy.deepcopy(base)
+    q.update(
+        description="The embedded default: U3 d_qmax weights and activations learned from "
+        "scratch on scikit-learn's 8x8 digits under a 4 KB weight budget (float: 55.9 KiB)",
+        quant={"weight": _site("uniform/d_qmax"), "activation": _site("uniform/d_qmax")},
+        budget={"weight": "4KB", "scale_lambda": True},
+        select_every=1,
+    )
+    q["optim"]["lr"] = 0.02
+    return {"digits/smallcnn/float": fl, "digits/smallcnn/u3-w4kb": q}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10/resnet20/float": _cifar(
+        "Float baseline (spec 7.1: lr 0.1, 160 epochs)", None, lr=0.1, init=False
+    ),
+    **_table1(),
+    **_table3(),
+    **_short(),
+    **_digits(),
+}
+
+DEFAULT_PRESET = "digits/smallcnn/u3-w4kb"
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A deep copy of preset ``name``; ``ValueError`` with suggestions for an unknown name."""
+    if name not in PRESETS:
+        hints = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.5)
+        extra = f" Did you mean {hints}?" if hints else " List them with: mixq presets"
+        raise ValueError(f"unknown preset {name!r}.{extra}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,157 @@
+"""The training configuration: frozen dataclasses, validated on construction.
+
+Loaded from YAML (``TrainConfig.load``) or a preset (``mixq.presets``), edited with dotted
+``--set key=value`` overrides, and dumped resolved into the run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mixq.config import (
+    ConfigError,
+    QuantConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+from mixq.cost import parse_size
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``name`` from ``mixq.models.MODELS``; ``kwargs`` go to its constructor."""
+
+    name: str = "resnet20"
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset and batching. ``dir``: the data folder (else ``--data-dir`` or ``MIXQ_DATA``)."""
+
+    name: str = "cifar10"
+    dir: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    augment: bool = True
+    download: bool = False
+    synthetic_train: int = 512
+    synthetic_test: int = 256
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule. The paper's recipe (spec 7.1, decision 6): SGD momentum 0.9,
+    weight decay 2e-4 on every parameter (quantizer parameters included), 160 epochs with the
+    learning rate divided by 10 after epochs 80 and 120, batch 128.
+
+    ``clip_quant_grads``: clip quantizer gradients to +-d (+-q_min) as the reference code does
+    when a memory target is set (spec 3.6); None means "exactly when a budget is set".
+    """
+
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 2e-4
+    schedule: Literal["step", "onecycle", "cosine", "constant"] = "step"
+    milestones: tuple[int, ...] = (80, 120)
+    gamma: float = 0.1
+    epochs: int = 160
+    pct_start: float = 0.25
+    label_smoothing: float = 0.0
+    clip_quant_grads: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs={self.epochs} must be >= 1")
+        if self.weight_decay < 0:
+            raise ConfigError("optim.weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Memory targets as sizes (``"70KB"``, ``"5.4MB"``; 1 KB = 1024 bytes) and ``lam``.
+
+    ``scale_lambda``: multiply ``lam`` by ``(S_float(ResNet-20) / S_float(model))^2``
+    (decision 7), for models of another size than the paper's CIFAR-10 ResNet-20.
+    """
+
+    weight: str | None = None
+    activation_sum: str | None = None
+    activation_max: str | None = None
+    lam: float = 0.1
+    scale_lambda: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "activation_sum", "activation_max"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_size(value)
+                except ValueError as e:
+                    raise ConfigError(f"budget.{name}: {e}") from None
+        if self.lam < 0:
+            raise ConfigError("budget.lam must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole experiment. ``quant: null`` trains the float model.
+
+    Attributes:
+        init: a float checkpoint to start from (mixq checkpoint or plain state dict).
+        logit_scale: a learnable scalar on the logits (the reference code's pow-2 ``scale_layer``).
+        max_steps_per_epoch: cap for smoke tests (None: the whole epoch).
+        select_every: also check the budgets every this many steps and, when all are met,
+            evaluate and keep ``best.pt`` if better (the reference code does it after every
+            iteration, spec 5.2); 0: only at the end of each epoch.
+    """
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig | None = None
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    init: str | None = None
+    logit_scale: bool = False
+    seed: int = 0
+    device: str = "auto"
+    channels_last: bool = True
+    max_steps_per_epoch: int | None = None
+    select_every: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        has_budget = any(
+            v is not None
+            for v in (self.budget.weight, self.budget.activation_sum, self.budget.activation_max)
+        )
+        if has_budget and self.quant is None:
+            raise ConfigError("a memory budget needs a quantized model: set quant (not null)")
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+        """Validate plain data (after applying ``key=value`` overrides)."""
+        return from_dict(cls, apply_overrides(data, overrides or []))
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """Load a YAML file."""
+        return cls.from_data(load_yaml(path), overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for the resolved ``config.yaml`` and checkpoints."""
+        return to_dict(self)
