@@ -16,7 +16,9 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: the tests are dominated by small ops, for which a second thread only adds
+# synchronisation (and, on a busy 2-core machine, 20-100x slow-downs from oversubscription).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

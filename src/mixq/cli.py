@@ -18,7 +18,9 @@ COMMANDS: dict[str, str] = {
     "eval": "evaluate",
     "report": "report_cmd",
     "presets": "presets_cmd",
+    "export": "export",
     "toy": "toy",
+    "prepare-imagenet": "prepare_imagenet",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from mixq.config import ConfigError, load_yaml
@@ -30,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="override a config value, e.g. --set optim.lr=0.01 (repeatable)",
     )
     p.add_argument("--init", help="float checkpoint to start from (sets the config's init)")
-    p.add_argument("--run-dir", help="output folder (default: runs/<preset or config name>)")
+    p.add_argument(
+        "--run-dir", help="output folder (default: runs/<preset or config name>-<timestamp>)"
+    )
     p.add_argument("--data-dir", help="dataset folder (else config data.dir, else $MIXQ_DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     from mixq.train import fit
 
     cfg, name = resolve_config(args)
-    run_dir = Path(args.run_dir or Path("runs") / name.replace("/", "_"))
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    else:  # a fresh folder per run, so that the README's command can be run again
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{name.replace('/', '_')}-{stamp}"
     if cfg.description:
         print(f"{name}: {cfg.description}")
     summary = fit(

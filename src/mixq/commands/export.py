@@ -1,0 +1,82 @@
+"""``mixq export``: write a trained checkpoint as a bit-packed file, ONNX (QDQ) or QONNX.
+
+See :mod:`mixq.export` for the formats. ``--fold-bn`` folds batch norms into the preceding
+convolutions and re-quantizes their weights at the same bitwidths; the file then describes the
+folded model (the per-layer changes are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``export`` on the ``mixq`` sub-parsers and set its ``func``."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint: bit-packed file, ONNX (onnxruntime) or QONNX (FINN)",
+        description=(
+            "Export a trained mixq checkpoint. 'packed': integer codes bit-packed at the learned "
+            "bitwidths + JSON manifest (load with mixq.export.load_packed); 'onnx': standard "
+            "ONNX with integer weights and QuantizeLinear/DequantizeLinear activations; "
+            "'qonnx': QONNX Quant nodes. The ONNX formats need pip install 'mixq[onnx]'."
+        ),
+    )
+    p.add_argument("checkpoint", help="a mixq checkpoint (from mixq train)")
+    p.add_argument("--format", choices=("packed", "onnx", "qonnx"), default="packed",
+                   help="output format (default: %(default)s)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file")
+    p.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="fold batch norms into the convs and re-quantize the folded weights",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 21 onnx, 13 qonnx)")
+    p.add_argument("--ties", choices=("even", "away"), default="even",
+                   help="ONNX formats: activation ties x/d = m + 1/2 round half to even (plain "
+                        "QDQ, default) or half away from zero as mixq (extra nodes)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint, export it, print sizes (and the BN-folding report)."""
+    from mixq.checkpoint import load_model
+    from mixq.cost import float_weight_bits
+    from mixq.export import export, format_fold_report
+
+    model, _ = load_model(args.checkpoint)
+    try:
+        result = export(model, args.output, args.format, fold_bn=args.fold_bn,
+                        opset=args.opset, ties=args.ties)  # fmt: skip
+    except ImportError as e:
+        raise RuntimeError(str(e)) from e
+    info = {
+        "output": str(result.path),
+        "format": result.format,
+        "file_bytes": result.file_bytes,
+        "weight_bytes_report": result.weight_bits / 8,
+        "float_weight_bytes": float_weight_bits(model) / 8,
+        "quantized_payload_bytes": result.quantized_bytes,
+        "folded_bn": [vars(r) for r in result.fold],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"wrote {info['output']} ({result.format}): {result.file_bytes} bytes; weight memory "
+          f"{info['weight_bytes_report'] / 1024:.2f} KiB (float "
+          f"{info['float_weight_bytes'] / 1024:.2f} KiB)")  # fmt: skip
+    if result.quantized_bytes is not None:
+        print(f"bit-packed quantized tensors: {result.quantized_bytes} bytes")
+    if result.fold:
+        print("batch norm folded; weights re-quantized at the same bitwidths (the export matches "
+              "the folded model, not the training model):")  # fmt: skip
+        print(format_fold_report(result.fold))
+        if args.format != "packed" and args.ties == "even":
+            print("note: folded pre-activations often sit exactly on rounding ties; --ties away "
+                  "makes the ONNX activations round exactly as mixq does")  # fmt: skip
+    return 0

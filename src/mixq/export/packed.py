@@ -1,0 +1,306 @@
+"""The ``mixq-packed`` container: bit-packed integer codes + float tensors + a JSON manifest.
+
+File layout (version 1, all integers little-endian)::
+
+    bytes 0..7     magic b"MIXQPACK"
+    bytes 8..11    container version, uint32 (= 1)
+    bytes 12..15   flags, uint32: bit 0 set = the manifest is zlib-compressed (always on write)
+    bytes 16..23   manifest length M, uint64
+    bytes 24..     manifest: M bytes of (zlib-compressed) UTF-8 JSON
+    then           payload: manifest["payload_bytes"] bytes; the file ends there
+
+``python -c "from mixq.export import read_packed; print(read_packed('f.mxq')[0])"`` shows the
+manifest.
+
+The manifest (JSON object) holds:
+
+* ``"format": "mixq-packed"``, ``"version": 1``;
+* ``payload_bytes``, ``payload_sha256`` (of the payload), ``quantized_bytes`` (the packed
+  tensors), ``raw_bytes`` (the float tensors), ``weight_bits`` (``mixq.cost.weight_bits``);
+* ``arch``: ``{"name": ..., "kwargs": {...}}`` for ``mixq.models.create_model``, or null;
+* ``input_shape``: per-sample input shape (for the activation sizes), or null;
+* ``folded_bn``: batch-norm modules folded away (the loader replaces them by ``nn.Identity``);
+* ``logit_scale``: true when the model multiplies its output by the stored scalar
+  ``logit_scale`` (:func:`mixq.build.add_logit_scale`);
+* ``activations``: every ``QuantAct`` site: ``module``, ``cap`` (6 for a ReLU6) and
+  ``quantizer`` (as below) or null for a float site;
+* ``tensors``: one entry per stored tensor: ``name`` (its ``state_dict`` key), ``shape``,
+  ``offset`` and ``nbytes`` (into the payload) and either
+
+* ``"storage": "packed"``: codes bit-packed at ``bits`` bits each (see
+  :mod:`mixq.export.bitpack`: LSB-first, each tensor starting on a byte boundary), with
+  ``kind``, ``encoding`` (``twos_complement`` for signed uniform codes, ``unsigned``,
+  ``sign_exponent`` for signed power-of-two), ``declared_bitwidth``, ``widened``, ``d`` and ``k``
+  (uniform, value ``d * code``) or ``q_min``, ``q_max``, ``L``, ``m_bits``, ``with_zero``
+  (pow-2, value ``(-1)^s * q_min * 2^m``, see :mod:`mixq.export.codes`), and ``quantizer`` (the
+  raw parameters and bounds that rebuild it exactly); or
+* ``"storage": "raw"`` with ``dtype`` (``float32``, ``int64``, ...): raw little-endian values
+  (batch norm parameters and statistics, unquantized layers; BN's ``num_batches_tracked``
+  counters are not stored).
+
+All packed tensors come first, so ``quantized_bytes`` = sum of ``ceil(numel * bits / 8)``.
+``activations`` lists every ``QuantAct`` site (module name, ``cap``, ``quantizer`` or null).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixq.convert import record_sizes, to_float
+from mixq.cost import weight_bits
+from mixq.export.bitpack import pack_bits, packed_nbytes, unpack_bits
+from mixq.export.codes import build_quantizer, decode, encode, quantizer_spec
+from mixq.export.errors import ExportError, PackedFormatError
+from mixq.export.graph import output_scale
+from mixq.layers import ACTIVATIONS, QuantAct, QuantConv2d, QuantLinear
+from mixq.quant.base import Quantizer
+
+MAGIC = b"MIXQPACK"
+FORMAT = "mixq-packed"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQ")
+_ZLIB = 1
+
+
+def check_quantized(model: nn.Module) -> None:
+    """Raise :class:`ExportError` unless ``model`` went through ``mixq.quantize_model``."""
+    if not any(isinstance(m, (QuantConv2d, QuantLinear, QuantAct)) for m in model.modules()):
+        raise ExportError(
+            f"{type(model).__name__} is a float model (no mixq quantized layer): convert it with "
+            "mixq.convert.quantize_model(model, config) (and train it) before exporting"
+        )
+
+
+def _raw_entry(name: str, t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
+    arr = t.detach().cpu().contiguous().numpy()
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    return {"name": name, "shape": list(arr.shape), "storage": "raw",
+            "dtype": arr.dtype.name}, arr.tobytes()  # fmt: skip
+
+
+def _collect(model: nn.Module) -> tuple[list, list, list[dict[str, Any]]]:
+    """``(packed, raw, activations)``: ``(entry, bytes)`` pairs and activation entries."""
+    packed, done = [], set()
+    for mname, m in model.named_modules():
+        if not isinstance(m, (QuantConv2d, QuantLinear)):
+            continue
+        for attr in ("weight", "bias"):
+            t, q = getattr(m, attr), getattr(m, f"{attr}_quantizer", None)
+            if t is None or q is None:
+                continue
+            name = f"{mname}.{attr}" if mname else attr
+            enc = encode(name, q, t)
+            entry = {"name": name, "shape": list(t.shape), "storage": "packed", **enc.meta}
+            packed.append((entry, pack_bits(enc.codes, enc.bits, enc.signed)))
+            done.add(name)
+    qprefixes = tuple(f"{n}." for n, mod in model.named_modules() if _is_quantizer(mod))
+    raw = [_raw_entry(k, v) for k, v in model.state_dict().items()
+           if k not in done and not k.startswith(qprefixes)
+           and not k.endswith("num_batches_tracked")]  # fmt: skip
+    acts = []
+    for mname, m in model.named_modules():
+        if isinstance(m, QuantAct):
+            spec = quantizer_spec(m.quantizer) if m.quantizer is not None else None
+            acts.append({"module": mname, "cap": m.cap, "quantizer": spec})
+    return packed, raw, acts
+
+
+def _is_quantizer(m: nn.Module) -> bool:
+    return isinstance(m, Quantizer)
+
+
+def save_packed(model: nn.Module, path: str | Path, *,
+                input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write ``model`` (quantized) as a ``mixq-packed`` file; returns the manifest."""
+    check_quantized(model)
+    has_scale = output_scale(model) is not None
+    packed, raw, acts = _collect(model)
+    chunks, offset, entries = [], 0, []
+    for entry, data in packed + raw:
+        entry.update(offset=offset, nbytes=len(data))
+        entries.append(entry)
+        chunks.append(data)
+        offset += len(data)
+    payload = b"".join(chunks)
+    shape = input_shape or getattr(model, "default_input_shape", None)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": getattr(model, "mixq_arch", None),
+        "input_shape": list(shape) if shape is not None else None,
+        "folded_bn": list(getattr(model, "mixq_folded_bn", [])),
+        "logit_scale": has_scale,
+        "weight_bits": float(weight_bits(model).detach()),
+        "quantized_bytes": sum(len(d) for _, d in packed),
+        "raw_bytes": sum(len(d) for _, d in raw),
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "tensors": entries,
+        "activations": acts,
+    }
+    blob = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode("utf-8"), 9)
+    Path(path).write_bytes(_HEADER.pack(MAGIC, VERSION, _ZLIB, len(blob)) + blob + payload)
+    return manifest
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, Any], bytes]:
+    """``(manifest, payload)`` of a ``mixq-packed`` file, verified (size and sha256).
+
+    Raises:
+        PackedFormatError: not a mixq-packed file, unsupported version, corrupt manifest,
+            truncated or oversized payload, checksum mismatch.
+    """
+    data = Path(path).read_bytes()
+    if len(data) < _HEADER.size or data[:8] != MAGIC:
+        raise PackedFormatError(f"{path}: not a mixq-packed file (unknown format; expected the "
+                                f"magic {MAGIC!r} at the start)")  # fmt: skip
+    _, version, flags, mlen = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise PackedFormatError(f"{path}: container version {version} is not supported "
+                                f"(this mixq reads version {VERSION})")  # fmt: skip
+    end = _HEADER.size + mlen
+    if len(data) < end:
+        raise PackedFormatError(f"{path}: truncated file (manifest incomplete)")
+    try:
+        blob = data[_HEADER.size : end]
+        manifest = json.loads((zlib.decompress(blob) if flags & _ZLIB else blob).decode("utf-8"))
+        ok = isinstance(manifest, dict) and isinstance(manifest.get("tensors"), list)
+    except (UnicodeDecodeError, json.JSONDecodeError, zlib.error) as e:
+        raise PackedFormatError(f"{path}: corrupt manifest ({e})") from None
+    if not ok:
+        raise PackedFormatError(f"{path}: corrupt manifest (no tensor list)")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        fmt, ver = manifest.get("format"), manifest.get("version")
+        raise PackedFormatError(f"{path}: unknown format {fmt!r} version {ver!r}; expected "
+                                f"{FORMAT!r} {VERSION}")  # fmt: skip
+    payload = data[end:]
+    size = manifest.get("payload_bytes")
+    if len(payload) < size:
+        raise PackedFormatError(f"{path}: truncated file: payload has {len(payload)} of {size} "
+                                "bytes")  # fmt: skip
+    if len(payload) > size:
+        raise PackedFormatError(f"{path}: corrupt file: {len(payload) - size} trailing bytes")
+    if hashlib.sha256(payload).hexdigest() != manifest.get("payload_sha256"):
+        raise PackedFormatError(f"{path}: checksum mismatch: the payload is corrupt")
+    return manifest, payload
+
+
+def _tensor(entry: dict[str, Any], payload: bytes) -> torch.Tensor:
+    try:
+        shape, off, nb = tuple(entry["shape"]), entry["offset"], entry["nbytes"]
+        if off < 0 or off + nb > len(payload):
+            raise ValueError("byte range outside the payload")
+        chunk = payload[off : off + nb]
+        if entry["storage"] == "raw":
+            arr = np.frombuffer(chunk, dtype=np.dtype(entry["dtype"]).newbyteorder("<"))
+            return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        if nb != packed_nbytes(n, entry["bits"]):
+            raise ValueError(f"{nb} bytes for {n} {entry['bits']}-bit codes")
+        signed = entry["encoding"] == "twos_complement"
+        return decode(entry, unpack_bits(chunk, n, entry["bits"], signed), shape)
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(f"corrupt tensor entry {entry.get('name')!r}: {e}") from None
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _skeleton(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    if model is None:
+        arch = manifest.get("arch")
+        if not arch:
+            raise PackedFormatError(
+                "the file has no architecture reference (model.mixq_arch was unset at export): "
+                "pass load_packed(path, model=skeleton)"
+            )
+        from mixq.models import create_model
+
+        model = create_model(arch["name"], **arch.get("kwargs", {}))
+        model.mixq_arch = arch
+    return to_float(model)
+
+
+def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the quantized model of a ``mixq-packed`` file (in eval mode).
+
+    Conv/linear layers get their weight and bias quantizers back (same raw parameters, so the
+    same bitwidths and derived values) and hold the dequantized weights ``d * code``, which
+    the quantizers map to themselves: the outputs equal those of the exported fake-quantized
+    model bit for bit. Activation sites get their quantizers from the manifest.
+
+    Args:
+        path: the file.
+        model: a float or quantized skeleton of the architecture (modified in place); default:
+            built from the manifest's ``arch`` with :func:`mixq.models.create_model`.
+    """
+    manifest, payload = read_packed(path)
+    model = _skeleton(manifest, model)
+    mods = dict(model.named_modules())
+    try:
+        for bn in manifest.get("folded_bn", []):
+            _replace(model, bn, nn.Identity())
+        tensors = {e["name"]: e for e in manifest["tensors"]}
+        state = {name: _tensor(e, payload) for name, e in tensors.items()}
+        for mname, m in mods.items():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            prefix = f"{mname}." if mname else ""
+            qs = {a: tensors.get(prefix + a, {}).get("quantizer") for a in ("weight", "bias")}
+            if m.bias is None and prefix + "bias" in tensors:
+                m.bias = nn.Parameter(m.weight.new_zeros(m.weight.shape[0]))
+            if qs["weight"] or qs["bias"]:
+                wq, bq = (build_quantizer(s) if s else None for s in (qs["weight"], qs["bias"]))
+                for q in (wq, bq):
+                    if q is not None:
+                        q.to(m.weight.device)
+                _replace(model, mname, _quant_type(m).from_float(m, wq, bq))
+        for act in manifest.get("activations", []):
+            m = mods.get(act["module"])
+            if type(m) not in ACTIVATIONS:
+                raise PackedFormatError(f"activation site {act['module']!r} is not a ReLU/ReLU6 "
+                                        "in the model skeleton")  # fmt: skip
+            q = build_quantizer(act["quantizer"]) if act["quantizer"] else None
+            if q is not None and (p := next(model.parameters(), None)) is not None:
+                q.to(p.device)
+            _replace(model, act["module"], QuantAct(q, cap=act["cap"]))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise PackedFormatError(f"{path}: manifest does not match the model: {e!r}") from None
+    if manifest.get("logit_scale") and not hasattr(model, "logit_scale"):
+        from mixq.build import add_logit_scale
+
+        add_logit_scale(model)
+    _load_state(model, state, path)
+    model.mixq_folded_bn = list(manifest.get("folded_bn", []))
+    if manifest.get("input_shape"):
+        record_sizes(model, input_shape=tuple(manifest["input_shape"]))
+    return model.eval()
+
+
+def _quant_type(m: nn.Module) -> type:
+    """The quantized layer class for a float conv/linear layer."""
+    return QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise PackedFormatError(f"{path}: tensors do not fit the model skeleton: {e}") from None
+    qkeys = {k for n, mod in model.named_modules() if _is_quantizer(mod)
+             for k in (f"{n}.{p}" for p, _ in mod.named_parameters())}  # fmt: skip
+    missing = [k for k in missing if k not in qkeys and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise PackedFormatError(f"{path}: file and model skeleton differ: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")  # fmt: skip
