@@ -13,6 +13,9 @@
   ``{u3,p3}-w70kb-asum92kb`` (8a + 8b), ``{u3,p3}-w70kb-amax8kb`` (8a + 8c).
 * Short CPU recipes: ``float-30ep`` and ``u3-w70kb-15ep`` (see the README's results).
 * ``digits/smallcnn/...``: the embedded default on scikit-learn's 8x8 digits.
+* Table 4 (ImageNet, spec 7.2, 8.3): ``imagenet/{resnet18,mobilenet_v2}/...``: ``float-eval``
+  (evaluate a pretrained float checkpoint, ``eval_only``), ``fixed-w4a4``, ``tqt-w4a4`` and
+  the learned ``u3-w5.40mb-amax0.38mb`` / ``u3-w1.55mb-amax0.57mb`` (8a + 8c).
 
 Learning rates follow the reference cfg sections (spec 9.2): 0.03 for quantized runs, 0.003 for
 P1, Adam 0.001 for the float-init uniform Table 1 rows (the runs its ``get_res.py`` reads).
@@ -205,6 +208,70 @@ def _digits() -> dict[str, dict]:
     return {"digits/smallcnn/float": fl, "digits/smallcnn/u3-w4kb": q}
 
 
+IMAGENET_INIT = (
+    "needs a pretrained float checkpoint: --init PATH (a torchvision state dict loads as is)"
+)
+_IMAGENET_RECIPE = (
+    "Recipe (the paper gives none, spec 10.2): LSQ-style fine-tuning of the pretrained net "
+    "(Esser et al. 2019): SGD momentum 0.9, cosine from lr 0.01 at global batch 256 (linear "
+    "scaling: lr_reference_batch 256), {wd} weight decay, 30 epochs, standard augmentation."
+)
+
+
+def _imagenet() -> dict[str, dict]:
+    """Table 4: ResNet-18 and MobileNetV2 from a pretrained float init (spec 7.2, 8.3).
+
+    Budgets: ``activation_max`` is the exact 4-bit size of the largest ReLU output (ResNet-18:
+    64x112x112 -> 392 KiB, printed 0.38 MB; MobileNetV2: 96x112x112 -> 588 KiB, 0.57 MB);
+    the weight budgets are Table 4's learned sizes (5.40 MB, 1.55 MB), below the 4-bit sizes
+    (5.57 MB, 1.65 MB) that spec 7.2 names as the paper's targets.
+    """
+    out: dict[str, dict] = {}
+    u3 = _site("uniform/d_qmax")
+    fixed = _site("uniform/b_d", 4, learnable=False)
+    tqt = _site("uniform/b_qmax", 4, bounds={"b_min": 4, "b_max": 4})
+    for model, paper, wd, budget in (
+        ("resnet18", "ResNet-18", 1e-4, {"weight": "5.40MB", "activation_max": "392KB"}),
+        ("mobilenet_v2", "MobileNetV2", 4e-5, {"weight": "1.55MB", "activation_max": "588KB"}),
+    ):
+        wd_text = f"{wd:g}" + (" (MobileNetV2's own recipe)" if wd < 1e-4 else "")
+        recipe = _IMAGENET_RECIPE.format(wd=wd_text)
+        base: dict[str, Any] = {
+            "model": {"name": model},
+            "data": {"name": "imagefolder", "batch_size": 64, "eval_batch_size": 250,
+                     "workers": 8, "image_size": 224},
+            "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": wd,
+                      "schedule": "cosine", "epochs": 30, "lr_reference_batch": 256},
+            "init": "REQUIRED",
+        }  # fmt: skip
+        tag = "u3-w5.40mb-amax0.38mb" if model == "resnet18" else "u3-w1.55mb-amax0.57mb"
+        amax = "0.38" if model == "resnet18" else "0.57"
+        rows = {
+            "float-eval": (f"Table 4 baseline: evaluate a pretrained float {paper}", None, None),
+            "fixed-w4a4": ("Table 4 Fixed: 4-bit weights and activations, fixed ranges",
+                           {"weight": fixed, "activation": fixed}, None),
+            "tqt-w4a4": ("Table 4 TQT: ranges learned at fixed 4-bit weights / activations",
+                         {"weight": tqt, "activation": tqt}, None),
+            tag: (f"Table 4 Ours (8a + 8c): U3 bitwidths learned under weights <= "
+                  f"{budget['weight']} and largest activation <= {budget['activation_max']} "
+                  f"(= 4-bit, printed {amax} MB), lambda scaled (decision 7)",
+                  {"weight": u3, "activation": u3}, {**budget, "scale_lambda": True}),
+        }  # fmt: skip
+        for row, (desc, quant, bud) in rows.items():
+            cfg = copy.deepcopy(base)
+            cfg["description"] = f"{desc}. " + ("" if quant is None else recipe + " ")
+            cfg["description"] += f"[{IMAGENET_INIT}]"
+            if quant is None:
+                cfg.update(quant=None, eval_only=True)
+            else:  # activation sizes at 224 px, whatever data.image_size is
+                cfg["quant"] = {k: copy.deepcopy(v) for k, v in quant.items()}
+                cfg["quant"]["input_shape"] = [3, 224, 224]
+            if bud:
+                cfg["budget"] = bud
+            out[f"imagenet/{model}/{row}"] = cfg
+    return out
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "cifar10/resnet20/float": _cifar(
         "Float baseline (spec 7.1: lr 0.1, 160 epochs)", None, lr=0.1, init=False
@@ -213,6 +280,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     **_table3(),
     **_short(),
     **_digits(),
+    **_imagenet(),
 }
 
 DEFAULT_PRESET = "digits/smallcnn/u3-w4kb"

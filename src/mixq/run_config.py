@@ -32,7 +32,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset and batching. ``dir``: the data folder (else ``--data-dir`` or ``MIXQ_DATA``)."""
+    """Dataset and batching. ``dir``: the data folder (else ``--data-dir`` or ``MIXQ_DATA``).
+
+    ``batch_size`` is per process: under ``torchrun`` the global batch is ``batch_size *
+    world_size``. The streaming datasets (``imagefolder``, ``imagenet_shards``) also use:
+    ``workers`` (DataLoader worker processes per rank), ``image_size`` (the crop fed to the
+    model; default 224 for ``imagefolder``, the prepared size for ``imagenet_shards``),
+    ``resize_size`` (``imagefolder`` validation: shorter side before the centre crop; default
+    ``round(image_size * 256 / 224)``) and ``random_resized_crop`` (``imagenet_shards``
+    training: scale/aspect random-resized crop on the GPU; False: a plain random crop).
+    """
 
     name: str = "cifar10"
     dir: str | None = None
@@ -42,10 +51,20 @@ class DataConfig:
     download: bool = False
     synthetic_train: int = 512
     synthetic_test: int = 256
+    workers: int = 8
+    image_size: int | None = None
+    resize_size: int | None = None
+    random_resized_crop: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.workers < 0:
+            raise ConfigError("data.workers must be >= 0")
+        for name in ("image_size", "resize_size"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ConfigError(f"data.{name}={value} must be >= 8 (or null)")
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,10 @@ class OptimConfig:
 
     ``clip_quant_grads``: clip quantizer gradients to +-d (+-q_min) as the reference code does
     when a memory target is set (spec 3.6); None means "exactly when a budget is set".
+
+    ``lr_reference_batch``: the linear scaling rule, opt in: the learning rate used is
+    ``lr * global_batch / lr_reference_batch`` (``global_batch = data.batch_size *
+    world_size``); None (default) uses ``lr`` as given, whatever the number of processes.
     """
 
     name: Literal["sgd", "adam"] = "sgd"
@@ -70,8 +93,11 @@ class OptimConfig:
     pct_start: float = 0.25
     label_smoothing: float = 0.0
     clip_quant_grads: bool | None = None
+    lr_reference_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            raise ConfigError("optim.lr_reference_batch must be >= 1 (or null)")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.epochs < 1:
@@ -117,6 +143,10 @@ class TrainConfig:
         select_every: also check the budgets every this many steps and, when all are met,
             evaluate and keep ``best.pt`` if better (the reference code does it after every
             iteration, spec 5.2); 0: only at the end of each epoch.
+        sync_bn: under ``torchrun``, batch-norm statistics over the global batch
+            (``nn.SyncBatchNorm``; CUDA/NCCL only, PyTorch has no CPU implementation).
+        eval_only: no training: evaluate the built model (e.g. a float ``init``) once and
+            write the run directory (``metrics.jsonl`` with ``epoch: 0``, ``last.pt``, report).
     """
 
     name: str = "experiment"
@@ -133,6 +163,8 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     select_every: int = 0
     description: str = ""
+    sync_bn: bool = False
+    eval_only: bool = False
 
     def __post_init__(self) -> None:
         has_budget = any(

@@ -7,13 +7,17 @@ set); optimizer step; projection ``constrain_()``. Every epoch: evaluation, metr
 the epochs that meet every budget. ``--resume`` restarts from ``last.pt`` exactly: the data
 order and augmentation depend only on (seed, epoch) and the RNG, optimizer and scheduler
 states are restored.
+
+Under ``torchrun`` (see :mod:`mixq.distributed`) the model is wrapped in
+``DistributedDataParallel`` after rank 0's parameters and buffers were broadcast; every rank
+trains on its disjoint part of each global batch, evaluates its part of the test set (sums
+all-reduced), and only rank 0 writes the run directory. Checkpoints hold the unwrapped model's
+state dict, so they are the same as a single-process run's.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -23,105 +27,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixq import distributed as D
 from mixq.build import build_model
 from mixq.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from mixq.convert import quantizer_parameters, quantizers
-from mixq.cost import BITS_PER_KIB, Budget, activation_bits, scaled_lambda, weight_bits
-from mixq.data import DatasetArrays, TensorLoader, get_dataset, resolve_data_dir
+from mixq.config import ConfigError
+from mixq.convert import quantizers
+from mixq.cost import BITS_PER_KIB, Budget, activation_bits, weight_bits
+from mixq.data import TensorLoader
+from mixq.distributed import select_device
 from mixq.run_config import TrainConfig
+from mixq.train_setup import (
+    append_line,
+    build_budget,
+    build_optimizer,
+    build_scheduler,
+    load_data,
+    log_epoch,
+    progress_bar,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
-
-def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU runs are then repeatable)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def load_data(cfg: TrainConfig, data_dir: str | None = None) -> DatasetArrays:
-    """The dataset of ``cfg.data`` (the CLI's ``--data-dir`` wins over the config)."""
-    name = cfg.data.name
-    if name == "cifar10":
-        root = resolve_data_dir(data_dir, cfg.data.dir)
-        return get_dataset(name, root, download=cfg.data.download)
-    if name == "synthetic":
-        return get_dataset(
-            name,
-            None,
-            n_train=cfg.data.synthetic_train,
-            n_test=cfg.data.synthetic_test,
-            seed=cfg.seed,
-        )
-    return get_dataset(name, None)
-
-
-def build_budget(cfg: TrainConfig, model: nn.Module) -> Budget:
-    """The :class:`Budget` of ``cfg.budget``; lambda scaled by decision 7 when asked."""
-    b = cfg.budget
-    lam = scaled_lambda(model, b.lam) if b.scale_lambda else b.lam
-    budget = Budget.parse(b.weight, b.activation_sum, b.activation_max, lam)
-    if budget.active:
-        budget.check_feasible(model)
-    return budget
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """One optimizer for all parameters (decision 6). Model weights get weight decay from the
-    optimizer; quantizer parameters get the same decay added explicitly *before* their gradient
-    clipping, as the reference code orders it (spec 3.6)."""
-    o = cfg.optim
-    qp = {id(p) for p in quantizer_parameters(model)}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qp]
-    groups = [{"params": weights, "weight_decay": o.weight_decay}]
-    if qp:
-        groups.append({"params": quantizer_parameters(model), "weight_decay": 0.0})
-    if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-
-
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """Per-step LR schedule: step (milestones in epochs), one-cycle, cosine or constant."""
-    o = cfg.optim
-    total = o.epochs * steps_per_epoch
-    if o.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=o.lr,
-            total_steps=total,
-            pct_start=o.pct_start,
-            anneal_strategy="linear",
-            cycle_momentum=False,
-        )
-    if o.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-        )
-    if o.schedule == "step":
-        miles = [m * steps_per_epoch for m in o.milestones]
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: o.gamma ** sum(s >= m for m in miles)
-        )
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+__all__ = [
+    "Trainer",
+    "build_budget",
+    "evaluate",
+    "fit",
+    "load_data",
+    "memory_stats",
+    "select_device",
+    "write_report",
+]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy on ``loader``."""
+def evaluate(
+    model: nn.Module, loader: TensorLoader, ctx: D.DistContext | None = None
+) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy on ``loader``.
+
+    Under DDP (``ctx``) each rank passes its part of the test set; the sums of correct
+    predictions, losses and samples are all-reduced, so every rank returns the whole test
+    set's numbers.
+    """
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    correct = loss = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    n = 0
     for x, y in loader:
         out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss = loss + F.cross_entropy(out, y, reduction="sum").double()
+        correct = correct + (out.argmax(1) == y).sum()
         n += y.numel()
+    correct, loss, n = D.all_reduce_sum([float(correct), float(loss), n], ctx or D.DistContext())
     return {"acc": correct / max(n, 1), "loss": loss / max(n, 1)}
 
 
@@ -140,75 +98,56 @@ def memory_stats(model: nn.Module) -> dict[str, float]:
         }
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "python": repr(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
-    """Holds the objects of one run; ``fit`` is ``run()``."""
+    """Holds the objects of one run; ``fit`` is ``run()``.
+
+    ``ctx``: this process's place in a ``torchrun`` job (default: a single process on
+    ``cfg.device``). ``self.model`` is always the unwrapped model (memory model, checkpoints,
+    evaluation); ``self.net`` is what the training forward calls (the DDP wrapper under DDP).
+    """
 
     def __init__(
         self,
         cfg: TrainConfig,
         run_dir: str | Path,
-        data: DatasetArrays,
+        data: Any,
         progress: bool = True,
         is_main: bool = True,
+        ctx: D.DistContext | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
-        self.progress, self.is_main = progress, is_main
-        self.device = select_device(cfg.device)
+        self.ctx = ctx or D.DistContext(device=select_device(cfg.device))
+        self.progress, self.is_main = progress, is_main and self.ctx.is_main
+        self.device = self.ctx.device
         seed_everything(cfg.seed)
         self.model = build_model(cfg, input_shape=data.input_shape, num_classes=data.num_classes)
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.net = D.wrap_model(self.model, self.ctx, sync_bn=cfg.sync_bn)
         self.budget = build_budget(cfg, self.model)
         clip = cfg.optim.clip_quant_grads
         self.clip_quant_grads = self.budget.active if clip is None else clip
         self.quantizers = [q for _, q in quantizers(self.model)]
         self.qparams = [p for q in self.quantizers for p in q.parameters() if p.requires_grad]
-        d = cfg.data
-        common = {"device": self.device, "channels_last": cfg.channels_last, "seed": cfg.seed}
-        augment = d.augment and data.input_shape[-1] >= 16
-        self.train_loader = TensorLoader(
-            data.x_train,
-            data.y_train,
-            d.batch_size,
-            train=True,
-            augment=augment,
-            drop_last=True,
-            **common,
-        )
-        self.test_loader = TensorLoader(
-            data.x_test, data.y_test, d.eval_batch_size, train=False, **common
-        )
+        self.train_loader, self.test_loader = D.build_loaders(cfg, data, self.ctx)
         steps = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
         self.steps_per_epoch = steps
-        self.opt = build_optimizer(cfg, self.model)
+        self.opt = build_optimizer(cfg, self.model, D.scaled_lr(cfg, self.ctx.world_size))
         self.sched = build_scheduler(cfg, self.opt, steps)
         self.epoch = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": None}
 
     # -- one training step (the hot path) -------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, loss + penalty, backward, decay + clip quantizer grads, update, project."""
-        out = self.model(x)
+        """Forward, loss + penalty, backward, decay + clip quantizer grads, update, project.
+
+        Under DDP the backward all-reduces (averages) every gradient, the penalty's included:
+        the penalty depends only on the quantizer parameters, which are equal on every rank.
+        """
+        out = self.net(x)
         loss = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
         penalty = self.budget.penalty(self.model) if self.budget.active else loss.new_zeros(())
         self.opt.zero_grad(set_to_none=True)
@@ -228,10 +167,12 @@ class Trainer:
         return loss.detach(), penalty.detach()
 
     def train_one_epoch(self) -> dict[str, float]:
-        """One epoch; returns mean loss, penalty, train accuracy and images/s."""
-        self.model.train()
+        """One epoch; returns mean loss, penalty (over all ranks), train images/s."""
+        self.net.train()
         self.train_loader.set_epoch(self.epoch)
-        bar = _progress(
+        if self.ctx.enabled:  # dropout: a per-(epoch, rank) stream, so resuming is exact
+            torch.manual_seed(D.epoch_seed(self.cfg.seed, self.epoch, self.ctx.rank))
+        bar = progress_bar(
             self.steps_per_epoch,
             f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
             self.progress and self.is_main,
@@ -252,19 +193,26 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         bar.close()
+        tot_loss, tot_pen, n = D.all_reduce_sum([float(tot_loss), float(tot_pen), n], self.ctx)
+        (dt,) = D.all_reduce_sum([dt], self.ctx, op="max")
         return {
-            "train_loss": float(tot_loss) / max(n, 1),
-            "penalty": float(tot_pen) / max(n, 1),
+            "train_loss": tot_loss / max(n, 1),
+            "penalty": tot_pen / max(n, 1),
             "images_per_s": n / dt if dt > 0 else 0.0,
             "epoch_time_s": dt,
         }
+
+    def evaluate(self) -> dict[str, float]:
+        """Test metrics of the whole test set (rank 0's batch-norm statistics on every rank)."""
+        D.broadcast_buffers(self.model, self.ctx)
+        return evaluate(self.model, self.test_loader, self.ctx)
 
     def select_step(self, step: int) -> None:
         """Mid-epoch model selection: evaluate when every budget is met; keep the best."""
         if not all(self.budget.satisfied(self.model).values()):
             return
-        acc = evaluate(self.model, self.test_loader)["acc"]
-        self.model.train()
+        acc = self.evaluate()["acc"]
+        self.net.train()
         if acc > self.best["acc"]:
             m = memory_stats(self.model)
             self.best = {
@@ -280,91 +228,82 @@ class Trainer:
     def _payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
+            "model": self.model.state_dict(),  # the unwrapped model: no "module." prefix
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "epoch": self.epoch,
             "best": dict(self.best),
-            "rng": _rng_state(),
+            # Under DDP the global RNG is reseeded per (epoch, rank) and nothing touches the
+            # other GPUs (get_rng_state_all would create a context on each of them).
+            "rng": rng_state() if not self.ctx.enabled else {"torch": torch.get_rng_state()},
             "metrics": metrics,
             "input_shape": list(self.data.input_shape),
             "num_classes": self.data.num_classes,
+            "world_size": self.ctx.world_size,
         }
 
     def resume(self) -> None:
-        """Restore model, optimizer, scheduler, RNG, epoch and best from ``last.pt``."""
+        """Restore model, optimizer, scheduler, RNG, epoch and best from ``last.pt``.
+
+        Every rank reads the same file (on several nodes the run directory must be shared).
+        """
         path = self.run_dir / "last.pt"
         if not path.is_file():
             raise CheckpointError(f"cannot resume: {str(path)!r} does not exist")
         ckpt = load_checkpoint(path, self.device)
-        if ckpt["config"] != self.cfg.to_dict():
+        try:  # fill in fields added since the checkpoint was written
+            saved = TrainConfig.from_data(ckpt["config"]).to_dict()
+        except ConfigError:
+            saved = ckpt["config"]
+        if saved != self.cfg.to_dict():
             raise CheckpointError(
                 f"cannot resume {str(self.run_dir)!r}: its config differs from this one; "
                 "resume with the same config, or start a new run directory"
             )
+        if ckpt.get("world_size", 1) != self.ctx.world_size and self.is_main:
+            print(f"note: {str(path)!r} was written by another number of processes")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        if not self.ctx.enabled:
+            set_rng_state(ckpt["rng"])
         self.epoch, self.best = ckpt["epoch"], ckpt["best"]
 
     def run(self) -> dict[str, Any]:
-        """Train until ``cfg.optim.epochs``; returns the final summary."""
+        """Train until ``cfg.optim.epochs``; returns the final summary.
+
+        With ``cfg.eval_only`` (and nothing done yet) the model is evaluated once, as epoch 0.
+        """
         metrics: dict[str, Any] = {}
-        while self.epoch < self.cfg.optim.epochs:
+        if self.cfg.eval_only:
+            metrics = self._record({"epoch": 0, "lr": 0.0}, epoch_done=0)
+        while not self.cfg.eval_only and self.epoch < self.cfg.optim.epochs:
             lr = self.sched.get_last_lr()[0]
             metrics = {"epoch": self.epoch + 1, "lr": lr, **self.train_one_epoch()}
-            metrics.update(
-                {f"test_{k}": v for k, v in evaluate(self.model, self.test_loader).items()}
-            )
-            metrics.update(memory_stats(self.model))
-            met = self.budget.satisfied(self.model) if self.budget.active else {}
-            metrics["budget_met"] = all(met.values())
-            self.epoch += 1
-            if metrics["budget_met"] and metrics["test_acc"] > self.best["acc"]:
-                self.best = {
-                    "acc": metrics["test_acc"],
-                    "epoch": self.epoch,
-                    **{k: metrics[k] for k in ("weight_kib", "act_sum_kib", "act_max_kib")},
-                }
-                if self.is_main:
-                    save_checkpoint(self.run_dir / "best.pt", self._payload(metrics))
-            if self.is_main:
-                save_checkpoint(self.run_dir / "last.pt", self._payload(metrics))
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                _log_epoch(metrics, self.progress)
+            D.check_replicas(self.model, self.budget, self.ctx)
+            metrics = self._record(metrics, epoch_done=self.epoch + 1)
         return {"final": metrics, "best": self.best}
 
-
-def _log_epoch(m: dict[str, Any], enabled: bool) -> None:
-    if not enabled:
-        return
-    print(
-        f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  pen {m['penalty']:.3g}  "
-        f"test acc {100 * m['test_acc']:.2f}%  W {m['weight_kib']:.1f} KiB  "
-        f"A sum/max {m['act_sum_kib']:.1f}/{m['act_max_kib']:.1f} KiB  "
-        f"budget {'met' if m['budget_met'] else 'NOT met'}  {m['images_per_s']:.0f} img/s",
-        flush=True,
-    )
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    def _record(self, metrics: dict[str, Any], epoch_done: int) -> dict[str, Any]:
+        """Evaluate, select, checkpoint and log the end of an epoch."""
+        metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
+        metrics.update(memory_stats(self.model))
+        met = self.budget.satisfied(self.model) if self.budget.active else {}
+        metrics["budget_met"] = all(met.values())
+        self.epoch = epoch_done
+        if metrics["budget_met"] and metrics["test_acc"] > self.best["acc"]:
+            self.best = {
+                "acc": metrics["test_acc"],
+                "epoch": self.epoch,
+                **{k: metrics[k] for k in ("weight_kib", "act_sum_kib", "act_max_kib")},
+            }
+            if self.is_main:
+                save_checkpoint(self.run_dir / "best.pt", self._payload(metrics))
+        if self.is_main:
+            save_checkpoint(self.run_dir / "last.pt", self._payload(metrics))
+            append_line(self.run_dir / "metrics.jsonl", json.dumps(metrics))
+            log_epoch(metrics, self.progress)
+        return metrics
 
 
 def fit(
@@ -372,7 +311,7 @@ def fit(
     run_dir: str | Path,
     *,
     resume: bool = False,
-    data: DatasetArrays | None = None,
+    data: Any = None,
     data_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -381,32 +320,47 @@ def fit(
     Writes ``config.yaml`` (resolved), ``metrics.jsonl``, ``last.pt``, ``best.pt`` (when any
     epoch met every budget), ``summary.json`` and the report (``report.txt``, ``.json``,
     ``.csv``, ``.png``) of ``best.pt`` (of ``last.pt`` when no epoch met every budget).
+    Under ``torchrun`` every rank calls it and only rank 0 writes; the process group is
+    created from the environment and destroyed at the end (one that already exists is used
+    and left alone). The summary's ``rank`` says which process returned it.
     """
-    import yaml
-
     run_dir = Path(run_dir)
     if not resume and (run_dir / "last.pt").exists():
         raise FileExistsError(
             f"run directory {str(run_dir)!r} already holds a run: pass --resume to continue it, "
             "or choose another --run-dir"
         )
+    ctx = D.setup(cfg.device)
+    try:
+        summary = _fit(cfg, run_dir, ctx, resume, data, data_dir, progress)
+        ctx.barrier()  # the other ranks return once rank 0 has written everything
+    finally:
+        D.cleanup(ctx)
+    return summary
+
+
+def _fit(cfg, run_dir, ctx, resume, data, data_dir, progress) -> dict[str, Any]:
+    import yaml
+
     data = data if data is not None else load_data(cfg, data_dir)
-    trainer = Trainer(cfg, run_dir, data, progress=progress)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
-    )
+    trainer = Trainer(cfg, run_dir, data, progress=progress, ctx=ctx)
+    if trainer.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+        atomic_write_bytes(run_dir / "config.yaml", config)
     if resume:
         trainer.resume()
     summary = trainer.run()
     # The deliverable is the best model among the epochs that met every budget; report it.
     summary["report_of"] = "last.pt"
-    if trainer.is_main and (run_dir / "best.pt").is_file():
-        trainer.model.load_state_dict(load_checkpoint(run_dir / "best.pt", trainer.device)["model"])
-        summary["report_of"] = "best.pt"
-    write_report(trainer.model, trainer.budget, run_dir)
-    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    return summary
+    if trainer.is_main:
+        if (run_dir / "best.pt").is_file():
+            best = load_checkpoint(run_dir / "best.pt", trainer.device)["model"]
+            trainer.model.load_state_dict(best)
+            summary["report_of"] = "best.pt"
+        write_report(trainer.model, trainer.budget, run_dir)
+        atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    return {**summary, "rank": ctx.rank, "world_size": ctx.world_size}
 
 
 def write_report(model: nn.Module, budget: Budget, run_dir: Path) -> None:

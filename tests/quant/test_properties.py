@@ -140,7 +140,7 @@ def test_uniform_parametrizations_agree_forward(q):
     assume(2 <= b <= 8 if q.signed else 1 <= b <= 8)
     # a grid-aligned range representable by all three
     x_hi = d_q * (2**n_eff - 1)
-    assume(x_hi <= 100 and d_q <= 1.0)
+    assume(x_hi <= 100 and 2**-8 <= d_q <= 1.0)
     u1 = UniformQuantizer("b_d", signed=q.signed, b=b, d=d_q)
     u2 = UniformQuantizer("b_qmax", signed=q.signed, b=b, q_max=x_hi)
     u3 = UniformQuantizer("d_qmax", signed=q.signed, d=d_q, q_max=x_hi)

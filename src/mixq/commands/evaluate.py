@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print accuracy, loss, memory and budget status."""
     from mixq.checkpoint import load_model
-    from mixq.data import TensorLoader
+    from mixq.distributed import DistContext, build_loaders
     from mixq.run_config import TrainConfig
     from mixq.train import build_budget, evaluate, load_data, memory_stats, select_device
 
@@ -29,14 +29,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     model.to(device)
     data = load_data(cfg, args.data_dir)
-    loader = TensorLoader(
-        data.x_test,
-        data.y_test,
-        cfg.data.eval_batch_size,
-        train=False,
-        device=device,
-        channels_last=cfg.channels_last,
-    )
+    loader = build_loaders(cfg, data, DistContext(device=device))[1]
     result = {**evaluate(model, loader), **memory_stats(model)}
     budget = build_budget(cfg, model)
     result["budget_met"] = budget.satisfied(model) if budget.active else {}

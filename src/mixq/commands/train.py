@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -67,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
     else:  # a fresh folder per run, so that the README's command can be run again
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{name.replace('/', '_')}-{stamp}"
-    if cfg.description:
+    if cfg.description and os.environ.get("RANK", "0") == "0":
         print(f"{name}: {cfg.description}")
     summary = fit(
         cfg, run_dir, resume=args.resume, data_dir=args.data_dir, progress=not args.no_progress
     )
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     print((run_dir / "report.txt").read_text())
     best = summary["best"]
     if best["epoch"] is None:
