@@ -15,6 +15,16 @@ from torch import Tensor, nn
 from mixq.quant.base import Quantizer
 
 
+def _quantized_weight_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(Q_w(W), Q_b(bias))`` of a quantized layer (a float tensor where no quantizer)."""
+    wq, bq = layer.weight_quantizer, layer.bias_quantizer
+    w = wq(layer.weight) if wq is not None else layer.weight
+    b = layer.bias
+    if b is not None and bq is not None:
+        b = bq(b)
+    return w, b
+
+
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose weight and bias pass through their own quantizers."""
 
@@ -67,10 +77,7 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``conv(x, Q_w(W), Q_b(bias))``."""
-        w = self.weight_quantizer(self.weight) if self.weight_quantizer else self.weight
-        b = self.bias
-        if b is not None and self.bias_quantizer is not None:
-            b = self.bias_quantizer(b)
+        w, b = _quantized_weight_bias(self)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -99,11 +106,7 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x @ Q_w(W)^T + Q_b(bias)``."""
-        w = self.weight_quantizer(self.weight) if self.weight_quantizer else self.weight
-        b = self.bias
-        if b is not None and self.bias_quantizer is not None:
-            b = self.bias_quantizer(b)
-        return F.linear(x, w, b)
+        return F.linear(x, *_quantized_weight_bias(self))
 
 
 ACTIVATIONS: dict[type[nn.Module], float | None] = {nn.ReLU: None, nn.ReLU6: 6.0}

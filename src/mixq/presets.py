@@ -199,13 +199,14 @@ def _digits() -> dict[str, dict]:
     q = copy.deepcopy(base)
     q.update(
         description="The embedded default: U3 d_qmax weights and activations learned from "
-        "scratch on scikit-learn's 8x8 digits under a 4 KB weight budget (float: 55.9 KiB)",
+        "scratch on scikit-learn's 8x8 digits under a 6 KB weight budget (float: 55.9 KiB) and "
+        "a 0.5 KB largest-activation budget (float: 4 KiB)",
         quant={"weight": _site("uniform/d_qmax"), "activation": _site("uniform/d_qmax")},
-        budget={"weight": "4KB", "scale_lambda": True},
+        budget={"weight": "6KB", "activation_max": "0.5KB", "scale_lambda": True},
         select_every=1,
     )
     q["optim"]["lr"] = 0.02
-    return {"digits/smallcnn/float": fl, "digits/smallcnn/u3-w4kb": q}
+    return {"digits/smallcnn/float": fl, "digits/smallcnn/u3-w6kb-amax0.5kb": q}
 
 
 IMAGENET_INIT = (
@@ -283,7 +284,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     **_imagenet(),
 }
 
-DEFAULT_PRESET = "digits/smallcnn/u3-w4kb"
+DEFAULT_PRESET = "digits/smallcnn/u3-w6kb-amax0.5kb"
 
 
 def get_preset(name: str) -> dict[str, Any]:

@@ -302,7 +302,7 @@ class Trainer:
         if self.is_main:
             save_checkpoint(self.run_dir / "last.pt", self._payload(metrics))
             append_line(self.run_dir / "metrics.jsonl", json.dumps(metrics))
-            log_epoch(metrics, self.progress)
+            log_epoch(metrics, True)  # one line per epoch, with or without the progress bar
         return metrics
 
 
