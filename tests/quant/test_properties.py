@@ -29,7 +29,7 @@ def uniform_q(draw):
         kw = {"b": draw(st.floats(b_lo + 0.01, 7.99)), "q_max": draw(st.floats(0.01, 20.0))}
     else:
         d = draw(st.floats(2**-7, 0.9))
-        kw = {"d": d, "q_max": d * draw(st.floats(1.01, 200.0))}
+        kw = {"d": d, "q_max": min(d * draw(st.floats(1.01, 200.0)), 120.0)}
     return UniformQuantizer(p, signed=signed, **kw)
 
 

@@ -1,0 +1,213 @@
+"""The compiled CPU path: build ``_cpu_source.SOURCE`` once with the C++ compiler, load it with
+``ctypes`` and call it on the raw buffers of dense float32 tensors.
+
+The library is a plain shared object (no Python or libtorch headers), so the first build takes
+about a second. It is cached under ``$MIXQ_KERNEL_CACHE`` (default
+``$XDG_CACHE_HOME/mixq/kernels`` or ``~/.cache/mixq/kernels``) in a file named by a hash of the
+source, the compiler command and the CPU flags (the code is built with ``-march=native``).
+With GCC it links ``libgomp.so.1``, which resolves to the OpenMP runtime torch has already
+loaded (Linux wheels), so the kernels share torch's thread pool; they use
+``torch.get_num_threads()`` threads. Builds are tried with ``-march=native -fopenmp``, then
+``-fopenmp``, then neither (single-threaded kernels).
+
+If no compiler is found, the build fails or the library does not load, :func:`library`
+returns None (with one warning) and ``functional.py`` uses the pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mixq.quant.kernels._cpu_source import SOURCE
+
+ABI_VERSION = 2
+_FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-Wno-psabi", "-shared", "-fPIC",
+          "-std=c++17"]  # fmt: skip
+_VARIANTS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
+"""Tried in order: native SIMD + OpenMP threads, then portable, then single-threaded."""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are cached."""
+    env = os.environ.get("MIXQ_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mixq" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cxx: str, out: Path) -> str | None:
+    """Compile to ``out`` (atomically); return an error message or None."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "mixq_kernels.cpp"
+        src.write_text(SOURCE)
+        tmp_lib = Path(tmp) / out.name
+        errors = []
+        for extra in _VARIANTS:
+            cmd = [cxx, *_FLAGS, *extra, str(src), "-o", str(tmp_lib)]
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(f"{' '.join(cmd)}: {e}")
+                continue
+            if r.returncode == 0:
+                os.replace(tmp_lib, out)
+                return None
+            errors.append(f"{' '.join(cmd)}:\n{r.stderr[-2000:]}")
+        return "\n".join(errors)
+
+
+def _remove_stale(keep: Path) -> None:
+    """Delete other builds of the kernels not used for a week (other mixq versions may share
+    the cache; a loaded copy stays mapped)."""
+    week_ago = time.time() - 7 * 24 * 3600
+    for old in keep.parent.glob("mixq_kernels_*.so"):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_atime < week_ago:
+                old.unlink()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mixq_abi_version.restype = i32
+    lib.mixq_uniform_fwd.argtypes = [p, p, i64, p, p, i32, i32]
+    lib.mixq_uniform_bwd.argtypes = [p, p, p, i64, p, p, i32, p, i32]
+    lib.mixq_pow2_fwd.argtypes = [p, p, i64, p, p, i32, i32, i32]
+    lib.mixq_pow2_bwd.argtypes = [p, p, p, i64, p, p, i32, i32, p, i32]
+    for f in ("mixq_uniform_fwd", "mixq_uniform_bwd", "mixq_pow2_fwd", "mixq_pow2_bwd"):
+        getattr(lib, f).restype = None
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("MIXQ_DISABLE_CPU_KERNEL"):
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn("mixq: no C++ compiler found; using the PyTorch kernels", stacklevel=3)
+        return None
+    key = "\n".join([SOURCE, cxx, " ".join(_FLAGS), str(_VARIANTS), _cpu_flags(),
+                     str(ABI_VERSION)])  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / f"mixq_kernels_{digest}.so"
+    try:
+        if not path.exists():
+            err = _build(cxx, path)
+            if err is None:
+                _remove_stale(path)
+            else:
+                warnings.warn(f"mixq: building the CPU kernels failed; using the PyTorch "
+                              f"kernels.\n{err}", stacklevel=3)  # fmt: skip
+                return None
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+        if lib.mixq_abi_version() != ABI_VERSION:
+            raise OSError("ABI version mismatch")
+    except OSError as e:
+        warnings.warn(f"mixq: loading the CPU kernels failed ({e}); using the PyTorch kernels",
+                      stacklevel=3)  # fmt: skip
+        return None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built on first call), or None when unavailable."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernels can be used."""
+    return library() is not None
+
+
+def reset() -> None:
+    """Forget the loaded library (tests use this to exercise the fallback)."""
+    with _lock:
+        _state.clear()
+
+
+# -- wrappers: dense float32 CPU tensors only (checked by the caller) ----------------------------
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def uniform_fwd(x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool) -> Tensor:
+    """``y = d_q * round(clip(x, x_lo, x_hi) / d_q)``; ``x`` dense, same layout out."""
+    y = torch.empty_like(x)
+    library().mixq_uniform_fwd(_ptr(x), _ptr(y), x.numel(), _ptr(d_q), _ptr(x_hi), int(signed),
+                               torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def uniform_bwd(
+    x: Tensor, g: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, need_x: bool
+) -> tuple[Tensor | None, Tensor]:
+    """``(dL/dx or None, [dL/dd_q, dL/dx_hi])``; ``g`` has the layout of ``x``."""
+    gx = torch.empty_like(x) if need_x else None
+    out = torch.empty(2, dtype=torch.float32)
+    library().mixq_uniform_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
+                               _ptr(d_q), _ptr(x_hi), int(signed), _ptr(out),
+                               torch.get_num_threads())  # fmt: skip
+    return gx, out
+
+
+def pow2_fwd(x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool) -> Tensor:
+    """Power-of-two fake quantization of a dense float32 tensor."""
+    y = torch.empty_like(x)
+    library().mixq_pow2_fwd(_ptr(x), _ptr(y), x.numel(), _ptr(x_min), _ptr(x_max), int(signed),
+                            int(with_zero), torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def pow2_bwd(
+    x: Tensor, g: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool,
+    need_x: bool,
+) -> tuple[Tensor | None, Tensor]:  # fmt: skip
+    """``(dL/dx or None, [sum_R1 g s, sum_R3 g s])``; ``g`` has the layout of ``x``."""
+    gx = torch.empty_like(x) if need_x else None
+    out = torch.empty(2, dtype=torch.float32)
+    library().mixq_pow2_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
+                            _ptr(x_min), _ptr(x_max), int(signed), int(with_zero), _ptr(out),
+                            torch.get_num_threads())  # fmt: skip
+    return gx, out
