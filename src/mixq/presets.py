@@ -171,11 +171,13 @@ def _short() -> dict[str, dict]:
         },
     )
     q = _cifar(
-        "U3 d_qmax weights under the paper's 70 KB budget, 15-epoch fine-tune (cosine)",
+        "U3 d_qmax weights under the paper's 70 KB budget, 15-epoch fine-tune (cosine); "
+        "budgets checked every 130 steps for model selection",
         {"weight": _site("uniform/d_qmax"), "activation": _site("float")},
         lr=0.02,
         budget={"weight": "70KB"},
         optim={"schedule": "cosine", "epochs": 15},
+        select_every=130,
     )
     return {"cifar10/resnet20/float-30ep": fast, "cifar10/resnet20/u3-w70kb-15ep": q}
 
