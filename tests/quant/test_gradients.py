@@ -1,4 +1,4 @@
-"""Closed-form gradient oracles of spec/method.md section 3, compared with autograd.
+"""Closed-form gradient oracles of docs/method.md section 3, compared with autograd.
 
 The oracles are written from the spec's formulas (3.1-3.5) with plain tensor expressions in
 float64, independently of the implementation's chain of STE primitives.

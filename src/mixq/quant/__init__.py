@@ -1,6 +1,6 @@
 """The paper's learned quantizers: uniform (U1-U3) and power-of-two (P1-P3).
 
-See spec/method.md sections 1-3 and 5.2. ``kind/parametrization`` strings name them, e.g.
+See docs/method.md sections 1-3 and 5.2. ``kind/parametrization`` strings name them, e.g.
 ``"uniform/d_qmax"``; :func:`make_quantizer` builds one from such a string.
 """
 

@@ -1,4 +1,4 @@
-"""Parameter bounds of the quantizers (spec/method.md sections 1.4 and 2.3).
+"""Parameter bounds of the quantizers (docs/method.md sections 1.4 and 2.3).
 
 The defaults are the values the reference training script passes in (not its function-signature
 defaults, which it always overrides). Every bound can be overridden per quantizer.

@@ -1,4 +1,4 @@
-"""Fake-quantization kernels: forward and the exact STE backward of spec/method.md section 3.
+"""Fake-quantization kernels: forward and the exact STE backward of docs/method.md section 3.
 
 Two pure functions, each a fused ``torch.autograd.Function`` that saves only its input ``x``
 (the scalars are tiny) and computes, in one backward pass, the input gradient and the two

@@ -1,4 +1,4 @@
-"""Reference fake-quantization: spec/method.md section 3 written out op by op (``MIXQ_KERNEL=
+"""Reference fake-quantization: docs/method.md section 3 written out op by op (``MIXQ_KERNEL=
 reference``).
 
 This is the implementation the fast paths of ``functional.py`` are tested against (bit-identical

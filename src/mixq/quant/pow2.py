@@ -1,5 +1,5 @@
 """Power-of-two quantizer with the parametrizations P2 ``b_qmax``, P1 ``b_qmin`` and
-P3 ``qmin_qmax`` (spec/method.md sections 2 and 3.5).
+P3 ``qmin_qmax`` (docs/method.md sections 2 and 3.5).
 
 Derived quantities (spec 2.3), ``n_eff = round(clip(b)) - [signed] - [with_zero]``:
 

@@ -1,4 +1,4 @@
-"""Straight-through primitives (spec/method.md, "Reference-implementation primitive semantics").
+"""Straight-through primitives (docs/method.md, "Reference-implementation primitive semantics").
 
 Every function here is pure: tensors in, tensors out, no module state.
 

@@ -1,5 +1,5 @@
 """Uniform (fixed-point) quantizer with the parametrizations U1 ``b_d``, U2 ``b_qmax`` and
-U3 ``d_qmax`` (spec/method.md sections 1 and 3.2-3.4).
+U3 ``d_qmax`` (docs/method.md sections 1 and 3.2-3.4).
 
 Derived quantities (spec 1.3), with ``n_q = round(clip(b))`` and ``n_eff = n_q - [signed]``:
 
