@@ -23,16 +23,6 @@ from mixq.quant import Pow2Quantizer, UniformQuantizer
 SMALL = torch.zeros(1, 3, 64, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: two OpenMP threads competing with other processes on a shared
-    2-core machine are many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def r20() -> nn.Module:
     torch.manual_seed(0)

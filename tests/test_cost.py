@@ -49,16 +49,6 @@ def _convert(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     return quantize_model(model, config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads that compete with
-    other processes make the 224x224 dry forwards 10-40x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def r20() -> nn.Module:
     """ResNet-20 with the paper's default: every weight, bias and activation at 4 bits."""
@@ -244,7 +234,7 @@ def test_max_reduction_gradient_goes_only_to_largest_site():
     p2 = list(m.relu2.quantizer.parameters())
     grads = torch.autograd.grad(activation_bits(m, "max"), p1 + p2, allow_unused=True)
     assert any(g is not None and g.abs().item() > 0 for g in grads[: len(p1)])
-    assert all(g is None or g.item() == 0 for g in grads[len(p1):])
+    assert all(g is None or g.item() == 0 for g in grads[len(p1) :])
 
 
 def test_max_reduction_gradient_goes_to_first_of_tied_sites(r20):

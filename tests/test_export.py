@@ -40,16 +40,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 needs_onnx = pytest.mark.skipif(onnx is None, reason="needs pip install 'mixq[onnx]'")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these small models run faster without OpenMP barriers, which
-    cost milliseconds per op on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _randomize_bn(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(1)
     for m in model.modules():

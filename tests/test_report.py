@@ -26,15 +26,6 @@ R20_MACS = (16 * 3 * 9 * 32**2
             + 10 * 64)  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread (fast and steady on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
     """ResNet-20: stage 3 pow-2 at 3 bits, one float activation site, the rest the default."""
