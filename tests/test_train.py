@@ -214,3 +214,27 @@ def test_config_rejects_unknown_keys_with_suggestion():
         TrainConfig.from_data({"budgte": {}})
     with pytest.raises(ConfigError, match="needs a quantized model"):
         TrainConfig.from_data({"quant": None, "budget": {"weight": "70KB"}})
+
+
+def test_bn_recalibration_reestimates_running_statistics():
+    """``bn_recalibrate``: the running mean becomes the average of the batch means of the BN
+    input over that many training batches; the momentum is restored."""
+    cfg = _cfg(bn_recalibrate=3)
+    from mixq.data import get_dataset
+
+    data = get_dataset("synthetic", None, n_train=128, n_test=64, seed=0)
+    tr = Trainer(cfg, "unused", data, progress=False)
+    bn = next(m for m in tr.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.fill_(100.0)
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].mean((0, 2, 3))))
+    tr.recalibrate_bn()
+    hook.remove()
+    assert len(seen) == 3
+    torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0))
+    assert bn.momentum == 0.1
+    no_recal = Trainer(_cfg(), "unused", data, progress=False)
+    bn2 = next(m for m in no_recal.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn2.running_mean.fill_(100.0)
+    no_recal.recalibrate_bn()
+    assert (bn2.running_mean == 100.0).all()

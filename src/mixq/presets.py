@@ -172,12 +172,16 @@ def _short() -> dict[str, dict]:
     )
     q = _cifar(
         "U3 d_qmax weights under the paper's 70 KB budget, 15-epoch fine-tune (cosine); "
-        "budgets checked every 130 steps for model selection",
+        "budgets checked every 130 steps for model selection; batch-norm statistics "
+        "re-estimated from 20 batches before each evaluation; lambda 1.0 instead of the "
+        "paper's 0.1: with the hinge-squared penalty the size settles above the budget by "
+        "about (CE push) / (2 lambda), which 160 epochs wash out and 15 do not",
         {"weight": _site("uniform/d_qmax"), "activation": _site("float")},
-        lr=0.02,
-        budget={"weight": "70KB"},
+        lr=0.01,
+        budget={"weight": "70KB", "lam": 1.0},
         optim={"schedule": "cosine", "epochs": 15},
         select_every=130,
+        bn_recalibrate=20,
     )
     return {"cifar10/resnet20/float-30ep": fast, "cifar10/resnet20/u3-w70kb-15ep": q}
 
@@ -205,7 +209,8 @@ def _digits() -> dict[str, dict]:
         "a 0.5 KB largest-activation budget (float: 4 KiB)",
         quant={"weight": _site("uniform/d_qmax"), "activation": _site("uniform/d_qmax")},
         budget={"weight": "6KB", "activation_max": "0.5KB", "scale_lambda": True},
-        select_every=1,
+        select_every=5,
+        bn_recalibrate=5,
     )
     q["optim"]["lr"] = 0.02
     return {"digits/smallcnn/float": fl, "digits/smallcnn/u3-w6kb-amax0.5kb": q}

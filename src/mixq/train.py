@@ -139,6 +139,7 @@ class Trainer:
         self.sched = build_scheduler(cfg, self.opt, steps)
         self.epoch = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": None}
+        self._recal_loader: Any = None
 
     # -- one training step (the hot path) -------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +205,34 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Test metrics of the whole test set (rank 0's batch-norm statistics on every rank)."""
+        self.recalibrate_bn()
         D.broadcast_buffers(self.model, self.ctx)
         return evaluate(self.model, self.test_loader, self.ctx)
+
+    @torch.no_grad()
+    def recalibrate_bn(self) -> None:
+        """Re-estimate batch-norm running statistics from ``cfg.bn_recalibrate`` training
+        batches (cumulative average, fixed data order), for quantized models only."""
+        n = self.cfg.bn_recalibrate
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not n or not self.quantizers or not bns:
+            return
+        if self._recal_loader is None:
+            self._recal_loader = D.build_loaders(self.cfg, self.data, self.ctx)[0]
+            self._recal_loader.set_epoch(10**6)  # its own fixed order, apart from training
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        was_training = self.model.training
+        self.model.train()
+        for i, (x, _) in enumerate(self._recal_loader):
+            if i >= n:
+                break
+            self.model(x)
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+        self.model.train(was_training)
 
     def select_step(self, step: int) -> None:
         """Mid-epoch model selection: evaluate when every budget is met; keep the best."""
