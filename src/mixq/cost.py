@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mixq.layers import QuantAct, QuantConv2d, QuantLinear
+from mixq.layers import QuantAct
 
 FLOAT_BITS = 32
 BITS_PER_KIB = 8 * 1024
@@ -246,8 +246,6 @@ def layer_ops(m: nn.Module) -> dict[str, int]:
 
 __all__ = [
     "Budget",
-    "QuantConv2d",
-    "QuantLinear",
     "activation_bits",
     "activation_bits_per_site",
     "float_weight_bits",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.quant.bounds import MARGIN, Bounds
+from mixq.quant.ste import clip_scalar
 
 #: The spec string of each parametrization: ``kind/parametrization`` -> its two parameters.
 PARAMETRIZATIONS: dict[str, tuple[str, str]] = {
@@ -124,8 +125,6 @@ class Quantizer(nn.Module):
 
     # -- shared ----------------------------------------------------------------------------
     def _clip(self, name: str) -> Tensor:
-        from mixq.quant.ste import clip_scalar
-
         lo, hi = self.bounds.range(name)
         return clip_scalar(getattr(self, name), lo, hi)
 
