@@ -19,6 +19,12 @@ Variants:
 * ``mixq-p2``: power-of-two ``qmin_qmax`` weights and activations.
 * ``*-ref``: the same with ``MIXQ_KERNEL=reference`` (the implementation before the fast
   paths), selected per step with :func:`mixq.quant.kernels.use`.
+* ``*-torch`` / ``*-compiled``: the same with the eager PyTorch path or its ``torch.compile``
+  version (Triton kernels on CUDA; the default on CUDA when Triton is importable), to compare
+  the GPU paths side by side. The compilation happens during the warm-up steps.
+* ``*-compile`` (``float-compile``, ``mixq-wa-compile``, ``mixq-p2-compile``): the whole step
+  compiled, as ``compile: true`` in a training config: ``torch.compile`` of the model and of
+  the penalty and the quantizer updates (``mixq.qat_step.QuantizerStep``).
 * ``lsq``: ``torch._fake_quantize_learnable_per_tensor_affine`` at 4 bits on the same tensors
   (conv/linear weights signed ``[-8, 7]``, ReLU outputs unsigned ``[0, 15]`` in place of the
   ReLU, as mixq's activation quantizer; LSQ gradient scale ``1/sqrt(numel * q_max)``).
@@ -50,6 +56,7 @@ from mixq.config import QuantConfig, SiteConfig
 from mixq.convert import quantize_model, quantizers
 from mixq.cost import Budget
 from mixq.models import resnet20
+from mixq.qat_step import QuantizerStep
 from mixq.quant import kernels
 
 # -- LSQ baseline ------------------------------------------------------------------------------
@@ -144,6 +151,7 @@ class Variant:
     model: nn.Module
     penalty: Budget | None = None
     kernel: str | None = None
+    compile: bool = False
     opt: torch.optim.Optimizer = field(init=False)
     quantizers: list = field(init=False)
     times: list[float] = field(default_factory=list)
@@ -154,22 +162,23 @@ class Variant:
             self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=2e-4
         )
         self.quantizers = [q for _, q in quantizers(self.model)]
+        budget = self.penalty or Budget()
+        self.qstep = QuantizerStep(self.model, self.quantizers, budget, clip=budget.active,
+                                   compile=self.compile)  # fmt: skip
+        self.forward = torch.compile(self.model) if self.compile else self.model
 
     def step(self, x: Tensor, y: Tensor) -> None:
         """One training step (see the module docstring)."""
         ctx = kernels.use(self.kernel) if self.kernel else nullcontext()
         with ctx:
             self.opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.model(x), y)
-            if self.penalty is not None:
-                loss = loss + self.penalty.penalty(self.model)
+            loss = F.cross_entropy(self.forward(x), y)
+            if self.qstep.budget.active:
+                loss = loss + self.qstep.penalty(loss)
             loss.backward()
-            if self.penalty is not None:
-                for q in self.quantizers:
-                    q.clip_grad_()
+            self.qstep.before_optimizer_step()
             self.opt.step()
-            for q in self.quantizers:
-                q.constrain_()
+            self.qstep.after_optimizer_step()
 
 
 CONFIGS: dict[str, QuantConfig] = {
@@ -181,20 +190,32 @@ CONFIGS: dict[str, QuantConfig] = {
     ),
 }
 
+KERNEL_SUFFIXES = {"-ref": "reference", "-torch": "torch", "-compiled": "compiled"}
 ALL = ["float", "mixq-w", "mixq-wa", "mixq-p2", "mixq-w-ref", "mixq-wa-ref", "mixq-p2-ref",
        "lsq", "brevitas"]  # fmt: skip
+EXTRA = [f"{b}{s}" for b in ("mixq-w", "mixq-wa", "mixq-p2") for s in ("-torch", "-compiled")]
+EXTRA += ["float-compile", "mixq-wa-compile", "mixq-p2-compile"]
+"""Also accepted by ``--variants`` (not in the default list)."""
 
 
 def build(name: str, device: torch.device) -> Variant | None:
     """The variant ``name`` on ``device`` in channels_last, or None when unavailable."""
     torch.manual_seed(0)
     budget = Budget.parse(weight="70KB")
+    if name.endswith("-compile"):
+        v = build(name.removesuffix("-compile"), device)
+        if v is None:
+            return None
+        return Variant(name, v.model, v.penalty, v.kernel, compile=True)
     if name == "float":
         model, penalty, kernel = resnet20(), None, None
+    elif name.startswith("mixq") and name not in ALL + EXTRA:
+        raise ValueError(f"unknown variant {name!r}; valid: {ALL + EXTRA}")
     elif name.startswith("mixq"):
-        base = name.removesuffix("-ref")
+        suffix = next((s for s in KERNEL_SUFFIXES if name.endswith(s)), "")
+        base = name.removesuffix(suffix) if suffix else name
         model = quantize_model(resnet20(), CONFIGS[base])
-        penalty, kernel = budget, ("reference" if name.endswith("-ref") else None)
+        penalty, kernel = budget, KERNEL_SUFFIXES.get(suffix)
     elif name == "lsq":
         model, penalty, kernel = lsq_model(resnet20()), None, None
     elif name == "brevitas":
@@ -202,7 +223,7 @@ def build(name: str, device: torch.device) -> Variant | None:
         if model is None:
             return None
     else:
-        raise ValueError(f"unknown variant {name!r}; valid: {ALL}")
+        raise ValueError(f"unknown variant {name!r}; valid: {ALL + EXTRA}")
     model = model.to(device=device, memory_format=torch.channels_last).train()
     return Variant(name, model, penalty, kernel)
 
@@ -307,6 +328,28 @@ def profile(v: Variant, x: Tensor, y: Tensor, rows: int) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
+def count_ops(v: Variant, x: Tensor, y: Tensor) -> tuple[int, int]:
+    """``(top-level ATen ops, CUDA kernels)`` of one step of ``v`` after two warm-up steps.
+
+    Top-level ATen ops (those not called by another ATen op) are what eager mode dispatches
+    one by one; on a GPU each is at least one kernel launch, so their count bounds the launch
+    overhead of a step. CUDA kernels are counted on a GPU only (0 on CPU).
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    for _ in range(2):
+        v.step(x, y)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with tprofile(activities=acts) as prof:
+        v.step(x, y)
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"]
+    top = [e for e in aten if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    kernels_ = [e for e in events if e.device_type.name == "CUDA"]
+    return len(top), len(kernels_)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -316,10 +359,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--variants", default=",".join(ALL), help=f"comma list of {ALL}")
+    p.add_argument("--variants", default=",".join(ALL), help=f"comma list of {ALL} (also {EXTRA})")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     p.add_argument("--profile", default=None, help="profile one variant instead of timing")
     p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument(
+        "--count-ops", action="store_true", help="ATen ops (CUDA kernels) of one step per variant"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -340,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     if "float" not in names:
         names.insert(0, "float")
     variants = [v for v in (build(n, device) for n in names) if v is not None]
+    if args.count_ops:
+        print("| variant | top-level ATen ops / step | CUDA kernels / step |\n|---|---|---|")
+        for v in variants:
+            ops, launches = count_ops(v, x, y)
+            print(f"| {v.name} | {ops} | {launches if x.is_cuda else '-'} |")
+        return
     run(variants, x, y, args.rounds, args.steps, args.warmup)
     print(report(variants, machine_info(device, torch.get_num_threads()), args))
 

@@ -310,8 +310,11 @@ def _notes(layers: list[LayerRow], acts: list[ActivationRow], float_sites: list[
     for which, row in (("first", layers[0] if layers else None),
                        ("last", layers[-1] if layers else None)):  # fmt: skip
         if row is not None:
-            state = "float (NOT quantized)" if row.quantizer == "float" else (
-                f"quantized ({row.quantizer}, {row.bits} bits), as in the paper")
+            state = (
+                "float (NOT quantized)"
+                if row.quantizer == "float"
+                else (f"quantized ({row.quantizer}, {row.bits} bits), as in the paper")
+            )
             notes.append(f"{which} layer: {row.name} is {state}")
     notes.append("float (unquantized) sites, counted at 32 bits: "
                  + (", ".join(float_sites) if float_sites else "none"))  # fmt: skip

@@ -150,6 +150,10 @@ class TrainConfig:
             measured here: 46.9% -> 82.2% test accuracy on a ResNet-20 fine-tune checkpoint.
         sync_bn: under ``torchrun``, batch-norm statistics over the global batch
             (``nn.SyncBatchNorm``; CUDA/NCCL only, PyTorch has no CPU implementation).
+        compile: ``torch.compile`` the training forward/backward, the memory penalty and the
+            quantizer updates (``mixq.qat_step``). On a GPU this fuses the many tiny per-quantizer
+            operations into a few kernels; the first steps compile (tens of seconds). Evaluation
+            and checkpoints use the uncompiled model.
         eval_only: no training: evaluate the built model (e.g. a float ``init``) once and
             write the run directory (``metrics.jsonl`` with ``epoch: 0``, ``last.pt``, report).
     """
@@ -171,6 +175,7 @@ class TrainConfig:
     sync_bn: bool = False
     eval_only: bool = False
     bn_recalibrate: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         has_budget = any(

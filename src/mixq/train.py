@@ -35,6 +35,7 @@ from mixq.convert import quantizers
 from mixq.cost import BITS_PER_KIB, Budget, activation_bits, weight_bits
 from mixq.data import TensorLoader
 from mixq.distributed import select_device
+from mixq.qat_step import QuantizerStep
 from mixq.run_config import TrainConfig
 from mixq.train_setup import (
     append_line,
@@ -129,7 +130,12 @@ class Trainer:
         clip = cfg.optim.clip_quant_grads
         self.clip_quant_grads = self.budget.active if clip is None else clip
         self.quantizers = [q for _, q in quantizers(self.model)]
-        self.qparams = [p for q in self.quantizers for p in q.parameters() if p.requires_grad]
+        wd = cfg.optim.weight_decay
+        self.qstep = QuantizerStep(
+            self.model, self.quantizers, self.budget, wd, self.clip_quant_grads, cfg.compile
+        )
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.train_loader, self.test_loader = D.build_loaders(cfg, data, self.ctx)
         steps = len(self.train_loader)
         if cfg.max_steps_per_epoch:
@@ -150,21 +156,13 @@ class Trainer:
         """
         out = self.net(x)
         loss = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
-        penalty = self.budget.penalty(self.model) if self.budget.active else loss.new_zeros(())
+        penalty = self.qstep.penalty(loss)
         self.opt.zero_grad(set_to_none=True)
         (loss + penalty).backward()
-        wd = self.cfg.optim.weight_decay
-        if wd and self.qparams:
-            grads = [p.grad for p in self.qparams if p.grad is not None]
-            params = [p.detach() for p in self.qparams if p.grad is not None]
-            torch._foreach_add_(grads, params, alpha=wd)
-        if self.clip_quant_grads:
-            for q in self.quantizers:
-                q.clip_grad_()
+        self.qstep.before_optimizer_step()  # weight decay, then the clip (spec 3.6)
         self.opt.step()
         self.sched.step()
-        for q in self.quantizers:
-            q.constrain_()
+        self.qstep.after_optimizer_step()  # projection (spec 1.5)
         return loss.detach(), penalty.detach()
 
     def train_one_epoch(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 import warnings
 
 import pytest
@@ -25,7 +26,7 @@ from mixq.quant.functional_reference import (
     fake_quant_uniform_reference,
     round_half_away_reference,
 )
-from mixq.quant.kernels import cpu
+from mixq.quant.kernels import compiled, cpu
 from mixq.quant.ste import round_half_away
 
 BACKENDS = ["cpu", "torch"]
@@ -114,7 +115,7 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check(fast_fn, ref_fn, x, scalars, terms):
     """Compare a backend with the reference: values, x-gradient, and the two sums."""
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.device)
     if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
         g = g.contiguous(memory_format=torch.channels_last)
     y1, gx1, (a1, b1) = _grads(fast_fn, x, scalars, g)
@@ -230,7 +231,7 @@ def test_quantizer_modules_agree_across_backends():
     """The learned quantizers give the same outputs and parameter gradients on every backend."""
     x = torch.randn(8, 16, 9, 9).contiguous(memory_format=torch.channels_last)
     results = {}
-    for backend in ["reference", "torch"] + (["cpu"] if cpu.available() else []):
+    for backend in ["reference", "torch", "compiled"] + (["cpu"] if cpu.available() else []):
         with kernels.use(backend):
             torch.manual_seed(0)
             qs = [UniformQuantizer("d_qmax", signed=False), Pow2Quantizer("qmin_qmax", signed=True),
@@ -284,6 +285,114 @@ def test_cpu_reductions_are_deterministic():
     assert all(torch.equal(r[0], t) for t in r)
 
 
+# -- the torch.compile path (Triton on CUDA; tested here through inductor's C++ backend) ---------
+
+C_U_CASES = [(lay, SMALL, *U_PARAMS[2]) for lay in LAYOUTS]
+C_U_CASES += [("channels_last", LARGE, *U_PARAMS[0])]
+C_P_CASES = [("flat", SMALL, *P_PARAMS[0]), ("channels_last", LARGE, *P_PARAMS[2]),
+             ("strided", SMALL, *P_PARAMS[1])]  # fmt: skip
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""The compiled path is also checked on a GPU (Triton) where one is present."""
+
+
+@pytest.fixture
+def compiled_mode():
+    """``MIXQ_KERNEL=compiled`` for the test; fails the test if compilation fell back."""
+    with kernels.use("compiled"):
+        yield
+    assert compiled.failure() is None, compiled.failure()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("layout,n,d_q,x_hi", C_U_CASES)
+def test_compiled_uniform_matches_reference(compiled_mode, device, signed, layout, n, d_q, x_hi):
+    x = _layout(_uniform_probe(d_q, x_hi, n), layout).to(device)
+    scalars = [torch.tensor(d_q, device=device), torch.tensor(x_hi, device=device)]
+    assert kernels.backend(x, *scalars) == "compiled"
+    _check(
+        lambda x, a, b: fake_quant_uniform(x, a, b, signed),
+        lambda x, a, b: fake_quant_uniform_reference(x, a, b, signed),
+        x, scalars, _uniform_terms(d_q, x_hi, signed),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed,with_zero", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("layout,n,x_min,x_max", C_P_CASES)
+def test_compiled_pow2_matches_reference(compiled_mode, device, signed, with_zero, layout, n,
+                                         x_min, x_max):  # fmt: skip
+    x = _layout(_pow2_probe(x_min, x_max, n), layout).to(device)
+    scalars = [torch.tensor(x_min, device=device), torch.tensor(x_max, device=device)]
+    assert kernels.backend(x, *scalars) == "compiled"
+    _check(
+        lambda x, a, b: fake_quant_pow2(x, a, b, signed, with_zero),
+        lambda x, a, b: fake_quant_pow2_reference(x, a, b, signed, with_zero),
+        x, scalars, _pow2_terms,
+    )  # fmt: skip
+
+
+def test_compiled_path_reuses_one_graph_across_shapes(compiled_mode):
+    """``dynamic=True``: new activation sizes do not recompile (dynamo's limit is 8)."""
+    from torch._dynamo.utils import counters
+
+    s = [torch.tensor(0.125), torch.tensor(1.0)]
+    fake_quant_uniform(torch.randn(2, 4, 3, 3), *s, False)
+    before = counters["stats"]["unique_graphs"]
+    for n, c, h in [(3, 8, 5), (7, 16, 9), (1, 2, 17), (5, 32, 4), (9, 3, 11)]:
+        x = torch.randn(n, c, h, h)
+        assert torch.equal(fake_quant_uniform(x, *s, False),
+                           fake_quant_uniform_reference(x, *s, False))  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_compiled_path_falls_back_with_one_warning(monkeypatch):
+    """A compilation failure warns once, disables the path and still gives correct values."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: no working C++ compiler")
+
+    compiled.reset()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    try:
+        x = _layout(_uniform_probe(0.125, 0.9, 120), "channels_last")
+        s = [torch.tensor(0.125), torch.tensor(0.9)]
+        with kernels.use("compiled"), warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert kernels.backend(x, *s) == "compiled"
+            y = fake_quant_uniform(x, *s, True)
+            assert "no working C++ compiler" in (compiled.failure() or "")
+            assert kernels.backend(x, *s) == "torch"  # disabled for the rest of the process
+            y2 = fake_quant_uniform(x, *s, True)
+            assert "disabled: RuntimeError" in kernels.describe()
+        assert [str(m.message) for m in w if "compiling" in str(m.message)] == [
+            "mixq: compiling the fake-quantization kernels failed (RuntimeError: inductor: no "
+            "working C++ compiler); using the PyTorch kernels (set MIXQ_KERNEL=torch to skip "
+            "the attempt)"
+        ]
+        ref = fake_quant_uniform_reference(x, *s, True)
+        assert _same_values(y, ref) and _same_values(y2, ref)
+    finally:
+        compiled.reset()
+    assert compiled.failure() is None
+
+
+def test_compiled_mode_needs_triton_for_cuda_tensors(monkeypatch):
+    """``auto`` picks the compiled path for CUDA tensors only with Triton; ``compiled`` insists."""
+    monkeypatch.setattr(compiled, "has_triton", lambda: False)
+    # backend() only reads .device and .dtype: a stand-in for a CUDA tensor, no GPU needed
+    x = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    with kernels.use("auto"):
+        assert kernels.backend(x) == "torch"
+    with kernels.use("compiled"), pytest.raises(RuntimeError, match="needs Triton"):
+        kernels.backend(x)
+    monkeypatch.setattr(compiled, "has_triton", lambda: True)
+    with kernels.use("auto"):
+        assert kernels.backend(x) == "compiled"
+
+
 # -- pinned semantics ---------------------------------------------------------------------------
 
 
@@ -325,6 +434,8 @@ def test_mode_selection_and_env_names():
         assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "reference"
     with kernels.use("torch"):
         assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "torch"
+    with kernels.use("compiled"):
+        assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "compiled"
     with kernels.use("auto"):
         assert kernels.backend(torch.zeros(3, dtype=torch.float64)) == "torch"
     with pytest.raises(ValueError, match="not one of"):

@@ -25,7 +25,8 @@ parametrizations in ``uniform.py``/``pow2.py`` map raw parameters to them with a
 the STE primitives of ``ste.py``, which yields the per-parametrization gradients of spec 3.2-3.5.
 
 The arithmetic runs in one of the backends of :mod:`mixq.quant.kernels` (compiled CPU kernels,
-a pure-PyTorch fast path, or ``functional_reference``); all give the same forward values (up to
+``torch.compile`` of the PyTorch path (Triton on CUDA), a pure-PyTorch fast path, or
+``functional_reference``); all give the same forward values (up to
 the sign of a zero output) and the same gradients (the two parameter sums up to summation
 order). Select with ``MIXQ_KERNEL`` or :func:`mixq.quant.kernels.use`.
 """
@@ -40,7 +41,7 @@ from mixq.quant.functional_reference import (
     fake_quant_pow2_reference,
     fake_quant_uniform_reference,
 )
-from mixq.quant.kernels import cpu, torch_path
+from mixq.quant.kernels import compiled, cpu, torch_path
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -71,6 +72,9 @@ class _FakeQuantUniform(torch.autograd.Function):
         if backend == "cpu":
             x = _dense(x)
             y = cpu.uniform_fwd(x, d_q, x_hi, signed)
+        elif backend == "compiled":
+            x = _dense(x)
+            y = compiled.uniform_fwd(x, d_q, x_hi, signed)
         else:
             y = torch_path.uniform_fwd(x, d_q, x_hi, signed)
         ctx.save_for_backward(x, d_q, x_hi)
@@ -85,7 +89,11 @@ class _FakeQuantUniform(torch.autograd.Function):
             gx, sums = cpu.uniform_bwd(x, _like(g, x), d_q, x_hi, ctx.signed, needs[0])
             g_dq, g_hi = _scalar_grads(sums, d_q, x_hi, needs)
         else:
-            gx, g_dq, g_hi = torch_path.uniform_bwd(x, g, d_q, x_hi, ctx.signed, needs[0])
+            if ctx.backend == "compiled":
+                args = (x, _like(g, x), d_q, x_hi, ctx.signed, needs[0])
+                gx, g_dq, g_hi = compiled.uniform_bwd(*args)
+            else:
+                gx, g_dq, g_hi = torch_path.uniform_bwd(x, g, d_q, x_hi, ctx.signed, needs[0])
             g_dq = g_dq if needs[1] else None
             g_hi = g_hi if needs[2] else None
         return gx, g_dq, g_hi, None, None
@@ -118,6 +126,9 @@ class _FakeQuantPow2(torch.autograd.Function):
         if backend == "cpu":
             x = _dense(x)
             y = cpu.pow2_fwd(x, x_min, x_max, signed, with_zero)
+        elif backend == "compiled":
+            x = _dense(x)
+            y = compiled.pow2_fwd(x, x_min, x_max, signed, with_zero)
         else:
             y = torch_path.pow2_fwd(x, x_min, x_max, signed, with_zero)
         ctx.save_for_backward(x, x_min, x_max)
@@ -132,6 +143,8 @@ class _FakeQuantPow2(torch.autograd.Function):
         if ctx.backend == "cpu":
             gx, sums = cpu.pow2_bwd(x, _like(g, x), *args)
             g_min, g_max = _scalar_grads(sums, x_min, x_max, needs)
+        elif ctx.backend == "compiled":
+            gx, g_min, g_max = compiled.pow2_bwd(x, _like(g, x), *args)
         else:
             gx, g_min, g_max = torch_path.pow2_bwd(x, g, *args)
             g_min = g_min if needs[1] else None

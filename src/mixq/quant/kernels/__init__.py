@@ -5,14 +5,19 @@ test_fast_paths.py``):
 
 * ``"cpu"``: the compiled C++/OpenMP kernels of ``cpu.py`` (CPU, float32, one fused pass each
   for the forward and the backward);
+* ``"compiled"``: the functions of ``torch_path.py`` through ``torch.compile`` (``compiled.py``;
+  fused Triton kernels on CUDA, inductor C++ on CPU);
 * ``"torch"``: the pure-PyTorch fast path of ``torch_path.py`` (any device and float dtype);
 * ``"reference"``: ``functional_reference.py``, the spec written op by op (the implementation
   before the fast paths; kept for tests and side-by-side benchmarks).
 
 The mode comes from the environment variable ``MIXQ_KERNEL`` (default ``auto``: ``cpu`` where it
-applies and has been built, else ``torch``) and can be changed at run time with
+applies and has been built, ``compiled`` for CUDA tensors when Triton is importable, else
+``torch``) and can be changed at run time with
 :func:`set_mode` or, for a block, :func:`use`. ``MIXQ_KERNEL=cpu`` requires the compiled
-kernels (an error if they cannot be built) where they apply. Under ``torch.compile`` the
+kernels (an error if they cannot be built) where they apply; ``MIXQ_KERNEL=compiled`` uses the
+compiled path on every device (an error on CUDA without Triton; a compilation failure warns
+once and falls back to ``torch``). Under ``torch.compile`` the
 PyTorch path is used (traceable). ``MIXQ_DISABLE_CPU_KERNEL=1`` never builds the compiled
 kernels; ``MIXQ_KERNEL_CACHE`` sets where they are cached (see ``cpu.py``).
 """
@@ -26,9 +31,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from mixq.quant.kernels import cpu
+from mixq.quant.kernels import compiled, cpu
 
-MODES = ("auto", "cpu", "torch", "reference")
+MODES = ("auto", "cpu", "compiled", "torch", "reference")
 
 _mode = os.environ.get("MIXQ_KERNEL", "auto").strip().lower() or "auto"
 if _mode not in MODES:
@@ -36,7 +41,7 @@ if _mode not in MODES:
 
 
 def mode() -> str:
-    """The current mode: ``auto``, ``cpu``, ``torch`` or ``reference``."""
+    """The current mode: ``auto``, ``cpu``, ``compiled``, ``torch`` or ``reference``."""
     return _mode
 
 
@@ -80,6 +85,14 @@ def backend(x: Tensor, *scalars: Tensor) -> str:
             return "cpu"
         if _mode == "cpu":
             raise RuntimeError("MIXQ_KERNEL=cpu but the compiled CPU kernels are unavailable")
+    if _mode == "compiled" or (_mode == "auto" and x.device.type == "cuda"):
+        if compiled.available(x.device):
+            return "compiled"
+        if _mode == "compiled" and x.device.type == "cuda" and not compiled.has_triton():
+            raise RuntimeError(
+                "MIXQ_KERNEL=compiled needs Triton for CUDA tensors (pip install triton), "
+                "or use MIXQ_KERNEL=torch"
+            )
     return "torch"
 
 
@@ -87,8 +100,16 @@ def describe() -> str:
     """One line for logs and benchmark headers: the mode and what the CPU path resolves to."""
     if _mode == "reference":
         return "reference"
+    if _mode == "compiled":
+        why = f" (disabled: {compiled.failure()})" if compiled.failure() else ""
+        return f"compiled: torch.compile of the PyTorch path on every device{why}"
     lib = "compiled C++/OpenMP" if cpu.available() else "PyTorch (compiled kernels unavailable)"
-    return f"{_mode}: CPU float32 -> {lib if _mode != 'torch' else 'PyTorch'}; otherwise PyTorch"
+    cpu_part = f"CPU float32 -> {lib if _mode != 'torch' else 'PyTorch'}"
+    if _mode == "torch":
+        return f"torch: {cpu_part}; otherwise PyTorch"
+    fused = compiled.has_triton() and not compiled.failure()
+    gpu = "torch.compile (Triton)" if fused else "PyTorch"
+    return f"{_mode}: {cpu_part}; CUDA -> {gpu}; otherwise PyTorch"
 
 
 __all__ = ["MODES", "backend", "describe", "mode", "set_mode", "use"]
