@@ -7,7 +7,9 @@
 # 1. the fast-path tests, which also run the compiled (Triton) path on "cuda" when a GPU is
 #    present (tests/quant/test_fast_paths.py: same values and gradients as the reference);
 # 2. benchmarks/step_time.py on the GPU: float, mixq with the default kernels (the compiled path
-#    on CUDA), the eager PyTorch path side by side, LSQ; ms/step, ratio to float, peak memory.
+#    on CUDA), the eager PyTorch path side by side, LSQ, and the whole step compiled
+#    (`compile: true`); ms/step, ratio to float, peak memory, ATen ops and CUDA kernels per step.
+#    Expect several minutes: each compiled variant compiles ResNet-20's forward and backward.
 set -euo pipefail
 out=${1:-${OUT:-/tmp/mixq-gpu}}
 mkdir -p "$out"
@@ -18,5 +20,6 @@ py=${PYTHON:-python3}
 "$py" -m pytest -q -p no:cacheprovider tests/quant/test_fast_paths.py -k "compiled or agree" \
     2>&1 | tee "$out/tests.txt"
 "$py" benchmarks/step_time.py --device cuda --rounds 7 --steps 20 --warmup 10 --markdown \
-    --variants float,mixq-w,mixq-wa,mixq-p2,mixq-wa-torch,mixq-p2-torch,lsq \
+    --count-ops --variants \
+    float,mixq-w,mixq-wa,mixq-p2,mixq-wa-torch,mixq-p2-torch,lsq,float-compile,mixq-wa-compile \
     2>&1 | tee "$out/step_time.md"

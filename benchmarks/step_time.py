@@ -156,6 +156,7 @@ class Variant:
     quantizers: list = field(init=False)
     times: list[float] = field(default_factory=list)
     peak_mib: float = float("nan")
+    ops: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         self.opt = torch.optim.SGD(
@@ -288,6 +289,8 @@ def report(variants: list[Variant], info: dict[str, str], args: argparse.Namespa
     base = next((v for v in variants if v.name == "float"), None)
     cuda = args.device == "cuda"
     head = ["variant", "ms/step (median)", "min", "ratio to float"] + (["peak MiB"] if cuda else [])
+    ops = args.count_ops
+    head += (["ATen ops/step"] + (["CUDA kernels/step"] if cuda else [])) if ops else []
     rows = []
     for v in variants:
         med = statistics.median(v.times)
@@ -298,6 +301,8 @@ def report(variants: list[Variant], info: dict[str, str], args: argparse.Namespa
         row = [v.name, f"{med:.1f}", f"{min(v.times):.1f}", ratio]
         if cuda:
             row.append(f"{v.peak_mib:.0f}")
+        if ops:
+            row += [str(v.ops[0])] + ([str(v.ops[1])] if cuda else [])
         rows.append(row)
     lines = [f"{k}: {val}" for k, val in info.items()]
     lines.append(f"batch {args.batch}, 3x32x32, channels_last, {args.rounds} rounds x "
@@ -364,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default=None, help="profile one variant instead of timing")
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument(
-        "--count-ops", action="store_true", help="ATen ops (CUDA kernels) of one step per variant"
+        "--count-ops", action="store_true", help="add ATen ops (CUDA kernels) of one step"
     )
     args = p.parse_args(argv)
     if args.threads:
@@ -386,13 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     if "float" not in names:
         names.insert(0, "float")
     variants = [v for v in (build(n, device) for n in names) if v is not None]
-    if args.count_ops:
-        print("| variant | top-level ATen ops / step | CUDA kernels / step |\n|---|---|---|")
-        for v in variants:
-            ops, launches = count_ops(v, x, y)
-            print(f"| {v.name} | {ops} | {launches if x.is_cuda else '-'} |")
-        return
     run(variants, x, y, args.rounds, args.steps, args.warmup)
+    if args.count_ops:
+        for v in variants:
+            v.ops = count_ops(v, x, y)
     print(report(variants, machine_info(device, torch.get_num_threads()), args))
 
 
