@@ -151,18 +151,32 @@ P_CASES = [(lay, SMALL, *p) for lay in LAYOUTS for p in P_PARAMS] + [
     ("channels_last", LARGE, *P_PARAMS[0]), ("flat", LARGE, *P_PARAMS[2])]  # fmt: skip
 
 
+def _check_uniform(x, d_q, x_hi, signed):
+    """The active path's uniform fake-quant against the spec's reference (values, gradients)."""
+    scalars = [torch.tensor(d_q, device=x.device), torch.tensor(x_hi, device=x.device)]
+    _check(
+        lambda x, a, b: fake_quant_uniform(x, a, b, signed),
+        lambda x, a, b: fake_quant_uniform_reference(x, a, b, signed),
+        x, scalars, _uniform_terms(d_q, x_hi, signed),
+    )  # fmt: skip
+
+
+def _check_pow2(x, x_min, x_max, signed, with_zero):
+    """The active path's pow-2 fake-quant against the spec's reference (values, gradients)."""
+    scalars = [torch.tensor(x_min, device=x.device), torch.tensor(x_max, device=x.device)]
+    _check(
+        lambda x, a, b: fake_quant_pow2(x, a, b, signed, with_zero),
+        lambda x, a, b: fake_quant_pow2_reference(x, a, b, signed, with_zero),
+        x, scalars, _pow2_terms,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("layout,n,d_q,x_hi", U_CASES)
 def test_uniform_matches_reference(backend, signed, layout, n, d_q, x_hi):
     with kernels.use(_backend_or_skip(backend)):
-        x = _layout(_uniform_probe(d_q, x_hi, n), layout)
-        scalars = [torch.tensor(d_q), torch.tensor(x_hi)]
-        _check(
-            lambda x, a, b: fake_quant_uniform(x, a, b, signed),
-            lambda x, a, b: fake_quant_uniform_reference(x, a, b, signed),
-            x, scalars, _uniform_terms(d_q, x_hi, signed),
-        )  # fmt: skip
+        _check_uniform(_layout(_uniform_probe(d_q, x_hi, n), layout), d_q, x_hi, signed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -172,11 +186,7 @@ def test_uniform_matches_reference(backend, signed, layout, n, d_q, x_hi):
 def test_pow2_matches_reference(backend, signed, with_zero, layout, n, x_min, x_max):
     with kernels.use(_backend_or_skip(backend)):
         x = _layout(_pow2_probe(x_min, x_max, n), layout)
-        _check(
-            lambda x, a, b: fake_quant_pow2(x, a, b, signed, with_zero),
-            lambda x, a, b: fake_quant_pow2_reference(x, a, b, signed, with_zero),
-            x, [torch.tensor(x_min), torch.tensor(x_max)], _pow2_terms,
-        )  # fmt: skip
+        _check_pow2(x, x_min, x_max, signed, with_zero)
 
 
 def _uniform_fn(fn, signed, x, a, b):
@@ -310,13 +320,8 @@ def compiled_mode():
 @pytest.mark.parametrize("layout,n,d_q,x_hi", C_U_CASES)
 def test_compiled_uniform_matches_reference(compiled_mode, device, signed, layout, n, d_q, x_hi):
     x = _layout(_uniform_probe(d_q, x_hi, n), layout).to(device)
-    scalars = [torch.tensor(d_q, device=device), torch.tensor(x_hi, device=device)]
-    assert kernels.backend(x, *scalars) == "compiled"
-    _check(
-        lambda x, a, b: fake_quant_uniform(x, a, b, signed),
-        lambda x, a, b: fake_quant_uniform_reference(x, a, b, signed),
-        x, scalars, _uniform_terms(d_q, x_hi, signed),
-    )  # fmt: skip
+    assert kernels.backend(x, torch.tensor(d_q, device=device)) == "compiled"
+    _check_uniform(x, d_q, x_hi, signed)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -325,13 +330,8 @@ def test_compiled_uniform_matches_reference(compiled_mode, device, signed, layou
 def test_compiled_pow2_matches_reference(compiled_mode, device, signed, with_zero, layout, n,
                                          x_min, x_max):  # fmt: skip
     x = _layout(_pow2_probe(x_min, x_max, n), layout).to(device)
-    scalars = [torch.tensor(x_min, device=device), torch.tensor(x_max, device=device)]
-    assert kernels.backend(x, *scalars) == "compiled"
-    _check(
-        lambda x, a, b: fake_quant_pow2(x, a, b, signed, with_zero),
-        lambda x, a, b: fake_quant_pow2_reference(x, a, b, signed, with_zero),
-        x, scalars, _pow2_terms,
-    )  # fmt: skip
+    assert kernels.backend(x, torch.tensor(x_min, device=device)) == "compiled"
+    _check_pow2(x, x_min, x_max, signed, with_zero)
 
 
 def test_compiled_path_reuses_one_graph_across_shapes(compiled_mode):
