@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mixq.checkpoint import CheckpointError, load_checkpoint, load_model
 from mixq.cli import main
@@ -135,6 +136,33 @@ def test_refuses_to_overwrite_and_to_resume_another_config(tiny_run):
         fit(_cfg(), tiny_run, progress=False)
     with pytest.raises(CheckpointError, match="config differs"):
         fit(_cfg(**{"optim.lr": 0.01}), tiny_run, resume=True, progress=False)
+
+
+def test_cli_resume_from_the_run_directory_alone(tmp_path, monkeypatch, capsys):
+    """``mixq train --resume --run-dir DIR`` continues with DIR/config.yaml (no --config)."""
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    run = tmp_path / "run"
+    original = Trainer.train_one_epoch
+
+    def killed_at_second_epoch(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", killed_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(cfg_file), "--run-dir", str(run), "--no-progress"])
+    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0
+    assert load_checkpoint(run / "last.pt")["epoch"] == TINY["optim"]["epochs"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == TINY["optim"]["epochs"]
+    capsys.readouterr()
+    assert main(["train", "--resume", "--no-progress"]) == 2
+    assert "--resume needs --run-dir" in capsys.readouterr().err
+    assert main(["train", "--resume", "--run-dir", str(tmp_path / "none")]) == 2
+    assert "no config.yaml there" in capsys.readouterr().err
 
 
 def test_budget_met_on_embedded_dataset(tmp_path):

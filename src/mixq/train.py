@@ -283,7 +283,8 @@ class Trainer:
         if saved != self.cfg.to_dict():
             raise CheckpointError(
                 f"cannot resume {str(self.run_dir)!r}: its config differs from this one; "
-                "resume with the same config, or start a new run directory"
+                "resume with the same config (or with `mixq train --resume --run-dir DIR` "
+                "alone, which uses the run's saved config.yaml), or start a new run directory"
             )
         if ckpt.get("world_size", 1) != self.ctx.world_size and self.is_main:
             print(f"note: {str(path)!r} was written by another number of processes")

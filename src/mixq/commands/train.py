@@ -36,16 +36,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--run-dir", help="output folder (default: runs/<preset or config name>-<timestamp>)"
     )
     p.add_argument("--data-dir", help="dataset folder (else config data.dir, else $MIXQ_DATA)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir (with its saved config.yaml unless --config or "
+        "--preset is given)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
-    """The validated config and a default run name from the CLI arguments."""
+    """The validated config and a default run name from the CLI arguments.
+
+    ``--resume --run-dir DIR`` without ``--config``/``--preset`` resumes with the config the
+    run saved (``DIR/config.yaml``), so a killed run continues from its folder alone.
+    """
+    if args.resume and not args.run_dir:
+        raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
     if args.config:
         data, name = load_yaml(args.config), Path(args.config).stem
+    elif args.resume and not args.preset:
+        saved = Path(args.run_dir) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(
+                f"cannot resume {str(args.run_dir)!r}: no config.yaml there; give the run's "
+                "--config or --preset (with its --set overrides)"
+            )
+        data, name = load_yaml(saved), Path(args.run_dir).name
     else:
         name = args.preset or DEFAULT_PRESET
         data = get_preset(name)
