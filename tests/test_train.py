@@ -102,20 +102,25 @@ def test_load_model_rebuilds_the_trained_model(tiny_run):
     assert torch.equal(model(x), model2(x))
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    cfg = _cfg()
-    fit(cfg, tmp_path / "full", progress=False)
+def _killed_at_epoch(monkeypatch, epoch: int, start) -> None:
+    """Run ``start()`` and kill the run (KeyboardInterrupt) as 0-based ``epoch`` begins."""
     original = Trainer.train_one_epoch
 
-    def killed_at_third_epoch(self):
-        if self.epoch == 2:
+    def killed(self):
+        if self.epoch == epoch:
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_one_epoch", killed_at_third_epoch)
+    monkeypatch.setattr(Trainer, "train_one_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "killed", progress=False)
+        start()
     monkeypatch.setattr(Trainer, "train_one_epoch", original)
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = _cfg()
+    fit(cfg, tmp_path / "full", progress=False)
+    _killed_at_epoch(monkeypatch, 2, lambda: fit(cfg, tmp_path / "killed", progress=False))
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 2
     fit(cfg, tmp_path / "killed", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / "last.pt")
@@ -143,17 +148,8 @@ def test_cli_resume_from_the_run_directory_alone(tmp_path, monkeypatch, capsys):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(TINY))
     run = tmp_path / "run"
-    original = Trainer.train_one_epoch
-
-    def killed_at_second_epoch(self):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_one_epoch", killed_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "--config", str(cfg_file), "--run-dir", str(run), "--no-progress"])
-    monkeypatch.setattr(Trainer, "train_one_epoch", original)
+    argv = ["train", "--config", str(cfg_file), "--run-dir", str(run), "--no-progress"]
+    _killed_at_epoch(monkeypatch, 1, lambda: main(argv))
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0
     assert load_checkpoint(run / "last.pt")["epoch"] == TINY["optim"]["epochs"]
