@@ -151,7 +151,9 @@ def test_cli_resume_from_the_run_directory_alone(tmp_path, monkeypatch, capsys):
     argv = ["train", "--config", str(cfg_file), "--run-dir", str(run), "--no-progress"]
     _killed_at_epoch(monkeypatch, 1, lambda: main(argv))
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    capsys.readouterr()
     assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0
+    assert f"resumed with {run / 'config.yaml'}" in capsys.readouterr().out
     assert load_checkpoint(run / "last.pt")["epoch"] == TINY["optim"]["epochs"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == TINY["optim"]["epochs"]
     capsys.readouterr()
@@ -159,6 +161,23 @@ def test_cli_resume_from_the_run_directory_alone(tmp_path, monkeypatch, capsys):
     assert "--resume needs --run-dir" in capsys.readouterr().err
     assert main(["train", "--resume", "--run-dir", str(tmp_path / "none")]) == 2
     assert "no config.yaml there" in capsys.readouterr().err
+
+
+def test_cli_header_names_the_overrides():
+    """A preset's description no longer tells the recipe once --set changes it: the header
+    lists the overrides (and --init) after it, so a log says what really ran."""
+    from mixq.cli import build_parser
+    from mixq.commands.train import header, resolve_config
+
+    argv = ["train", "--preset", "cifar10/resnet20/float-30ep", "--set", "data.batch_size=32",
+            "--set", "optim.lr=0.025"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    cfg, name = resolve_config(args)
+    lines = header(cfg, name, args)
+    assert lines[0] == f"cifar10/resnet20/float-30ep: {cfg.description}"
+    assert lines[1:] == ["  with --set data.batch_size=32 --set optim.lr=0.025"]
+    args = build_parser().parse_args(["train", "--preset", "cifar10/resnet20/float-30ep"])
+    assert header(*resolve_config(args), args) == lines[:1]
 
 
 def test_budget_met_on_embedded_dataset(tmp_path):

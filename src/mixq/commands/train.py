@@ -77,6 +77,21 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     return cfg, name
 
 
+def header(cfg: TrainConfig, name: str, args: argparse.Namespace) -> list[str]:
+    """What the run is: the preset's description, then the overrides that change it.
+
+    A description is the preset's text; with ``--set`` it no longer tells the whole recipe, so
+    the overrides follow it. A run resumed from its folder says where its config came from.
+    """
+    lines = [f"{name}: {cfg.description}"] if cfg.description else []
+    overrides = list(args.overrides) + ([f"init={args.init}"] if args.init else [])
+    if overrides:
+        lines.append("  with " + " ".join(f"--set {o}" for o in overrides))
+    if args.resume and not (args.config or args.preset):
+        lines.append(f"  resumed with {Path(args.run_dir) / 'config.yaml'} (overrides included)")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """Train and print the final report."""
     from mixq.train import fit
@@ -87,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
     else:  # a fresh folder per run, so that the README's command can be run again
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{name.replace('/', '_')}-{stamp}"
-    if cfg.description and os.environ.get("RANK", "0") == "0":
-        print(f"{name}: {cfg.description}")
+    if os.environ.get("RANK", "0") == "0":
+        for line in header(cfg, name, args):
+            print(line)
     summary = fit(
         cfg, run_dir, resume=args.resume, data_dir=args.data_dir, progress=not args.no_progress
     )
