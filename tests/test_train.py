@@ -178,6 +178,8 @@ def test_cli_header_names_the_overrides():
     assert lines[1:] == ["  with --set data.batch_size=32 --set optim.lr=0.025"]
     args = build_parser().parse_args(["train", "--preset", "cifar10/resnet20/float-30ep"])
     assert header(*resolve_config(args), args) == lines[:1]
+    args = build_parser().parse_args([*argv[:3], "--init", "f.pt"])
+    assert header(*resolve_config(args), args)[1:] == ["  with --set init=f.pt"]
 
 
 def test_budget_met_on_embedded_dataset(tmp_path):

@@ -47,6 +47,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _from_run_folder(args: argparse.Namespace) -> bool:
+    """``--resume --run-dir DIR`` with neither ``--config`` nor ``--preset``: use DIR's config."""
+    return bool(args.resume and not (args.config or args.preset))
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then ``--init`` as ``init=PATH``."""
+    return list(args.overrides) + ([f"init={args.init}"] if args.init else [])
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     """The validated config and a default run name from the CLI arguments.
 
@@ -57,7 +67,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
         raise ConfigError("--resume needs --run-dir: the folder of the run to continue")
     if args.config:
         data, name = load_yaml(args.config), Path(args.config).stem
-    elif args.resume and not args.preset:
+    elif _from_run_folder(args):
         saved = Path(args.run_dir) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(
@@ -68,10 +78,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     else:
         name = args.preset or DEFAULT_PRESET
         data = get_preset(name)
-    overrides = list(args.overrides)
-    if args.init:
-        overrides.append(f"init={args.init}")
-    cfg = TrainConfig.from_data(data, overrides)
+    cfg = TrainConfig.from_data(data, _overrides(args))
     if cfg.init == "REQUIRED":
         raise ConfigError(f"preset {name!r} {FLOAT_INIT}")
     return cfg, name
@@ -84,10 +91,10 @@ def header(cfg: TrainConfig, name: str, args: argparse.Namespace) -> list[str]:
     the overrides follow it. A run resumed from its folder says where its config came from.
     """
     lines = [f"{name}: {cfg.description}"] if cfg.description else []
-    overrides = list(args.overrides) + ([f"init={args.init}"] if args.init else [])
+    overrides = _overrides(args)
     if overrides:
         lines.append("  with " + " ".join(f"--set {o}" for o in overrides))
-    if args.resume and not (args.config or args.preset):
+    if _from_run_folder(args):
         lines.append(f"  resumed with {Path(args.run_dir) / 'config.yaml'} (overrides included)")
     return lines
 
