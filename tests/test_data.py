@@ -380,6 +380,40 @@ def test_loader_flip_only_preserves_pixels():
     assert torch.equal(out.flatten(1).sort(1).values, orig.flatten(1).sort(1).values)
 
 
+def _mirrored_per_image(loader: TensorLoader, x: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Bool [N]: whether image i (label i) came out mirrored in ``epoch`` (no crop)."""
+    out = torch.zeros(x.shape[0], dtype=torch.bool)
+    for xb, idx in _epoch(loader, epoch):
+        xb = _to_uint8(xb)
+        same = (xb == x[idx]).flatten(1).all(1)
+        mirrored = (xb == x[idx].flip(3)).flatten(1).all(1)
+        assert bool((same ^ mirrored).all())  # asymmetric images: exactly one matches
+        out[idx] = mirrored
+    return out
+
+
+def test_loader_alternating_flip_mirrors_each_image_every_other_epoch():
+    """``flip_mode="alternating"``: per image, the flip of epoch e is the first epoch's XOR
+    (e odd): epochs 0 and 1 are complementary, epoch 2 repeats epoch 0; about half the images
+    are mirrored in each epoch; crops and order are the random mode's draws."""
+    n = 64
+    x = _images(n)
+    y = torch.arange(n)
+    alt = TensorLoader(
+        x, y, 10, train=True, augment=True, crop_pad=0, seed=5, flip_mode="alternating"
+    )
+    f = [_mirrored_per_image(alt, x, e) for e in range(4)]
+    assert torch.equal(f[1], ~f[0]) and torch.equal(f[2], f[0]) and torch.equal(f[3], f[1])
+    assert 16 < int(f[0].sum()) < 48
+    rnd = TensorLoader(x, y, 10, train=True, augment=True, crop_pad=0, seed=5)
+    r = [_mirrored_per_image(rnd, x, e) for e in range(3)]
+    assert not torch.equal(r[2], r[0]) and not torch.equal(r[1], ~r[0])  # random: no pattern
+    for (_, ya), (_, yb) in zip(_epoch(alt, 3), _epoch(rnd, 3), strict=True):
+        assert torch.equal(ya, yb)  # same shuffle
+    with pytest.raises(ValueError, match="flip_mode must be one of"):
+        TensorLoader(x, y, 10, train=True, flip_mode="sometimes")
+
+
 def test_loader_crop_is_a_padded_window():
     x = _images(16, size=6, channels=2)
     loader = TensorLoader(

@@ -245,3 +245,19 @@ def test_table4_presets(model):
     m = build_model(fixed, num_classes=1000, load_init=False)  # the homogeneous 4-bit sizes
     assert float(activation_bits(m, "max")) / 8 == parse_size(cfg.budget.activation_max)
     assert parse_size(cfg.budget.weight) < float(weight_bits(m)) / 8
+
+
+def test_alternating_flip_is_refused_for_streaming_datasets(folder):
+    """``data.flip=alternating`` exists for in-memory datasets only: a streaming dataset gets a
+    clear error that names the key and the fix, not a silently random flip."""
+    from mixq.config import ConfigError
+    from mixq.distributed import DistContext, build_loaders
+
+    d = {"name": "imagefolder", "dir": str(folder), "batch_size": 4, "workers": 0}
+    cfg = TrainConfig.from_data({"data": {**d, "flip": "alternating"}})
+    data = open_imagefolder(folder, image_size=16)
+    with pytest.raises(ConfigError, match=r"data\.flip='alternating'.*data\.flip=random"):
+        build_loaders(cfg, data, DistContext())
+    ok = TrainConfig.from_data({"data": d})
+    train, _ = build_loaders(ok, data, DistContext())
+    assert len(train) > 0

@@ -400,3 +400,21 @@ def test_smallcnn_learns_digits() -> None:
     with torch.no_grad():
         acc = (model(x[te]).argmax(1) == y[te]).float().mean().item()
     assert acc > 0.95
+
+
+def test_zero_init_residual_starts_every_block_as_its_shortcut():
+    """``zero_init_residual=True``: every ``bn2.weight`` is 0, so in training mode each block
+    computes ``relu(shortcut(x) + bn2.bias) = relu(shortcut(x))`` at initialisation; the
+    default keeps the scales at 1 (the paper's networks)."""
+    torch.manual_seed(0)
+    model = resnet20(zero_init_residual=True)
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlockA)]
+    assert len(blocks) == 9
+    x = torch.randn(4, 16, 8, 8).abs()
+    for block in blocks:
+        assert (block.bn2.weight == 0).all()
+    b = blocks[0]
+    torch.testing.assert_close(b(x), torch.relu(b.shortcut(x)))
+    default = resnet20()
+    assert all((m.bn2.weight == 1).all() for m in default.modules() if isinstance(m, BasicBlockA))
+    assert create_model("resnet20", zero_init_residual=True).layer3[2].bn2.weight.sum() == 0

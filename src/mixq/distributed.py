@@ -376,6 +376,11 @@ def build_loaders(cfg: TrainConfig, data: Any, ctx: DistContext) -> tuple[Any, A
     d = cfg.data
     common = {"device": ctx.device, "channels_last": cfg.channels_last, "seed": cfg.seed}
     if not isinstance(data, DatasetArrays):
+        if d.flip != "random":
+            raise ConfigError(
+                f"data.flip={d.flip!r} works only with in-memory datasets (cifar10, digits, "
+                f"synthetic), not {d.name!r}: remove the key or set data.flip=random"
+            )
         return data.loaders(
             batch_size=d.batch_size,
             eval_batch_size=d.eval_batch_size,
@@ -388,7 +393,7 @@ def build_loaders(cfg: TrainConfig, data: Any, ctx: DistContext) -> tuple[Any, A
         )
     augment = d.augment and data.input_shape[-1] >= 16
     args = (data.x_train, data.y_train, d.batch_size)
-    kw = {"train": True, "augment": augment, "drop_last": True, **common}
+    kw = {"train": True, "augment": augment, "drop_last": True, "flip_mode": d.flip, **common}
     if not ctx.enabled:
         train = TensorLoader(*args, **kw)
         xt, yt = data.x_test, data.y_test

@@ -41,6 +41,10 @@ class DataConfig:
     ``resize_size`` (``imagefolder`` validation: shorter side before the centre crop; default
     ``round(image_size * 256 / 224)``) and ``random_resized_crop`` (``imagenet_shards``
     training: scale/aspect random-resized crop on the GPU; False: a plain random crop).
+
+    ``flip`` (in-memory datasets such as CIFAR-10): ``"random"`` mirrors each training image
+    with probability 0.5 every epoch; ``"alternating"`` mirrors each image in every other
+    epoch (random for the first, then alternating; see :class:`~mixq.data.TensorLoader`).
     """
 
     name: str = "cifar10"
@@ -55,6 +59,7 @@ class DataConfig:
     image_size: int | None = None
     resize_size: int | None = None
     random_resized_crop: bool = True
+    flip: Literal["random", "alternating"] = "random"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -76,6 +81,10 @@ class OptimConfig:
     ``clip_quant_grads``: clip quantizer gradients to +-d (+-q_min) as the reference code does
     when a memory target is set (spec 3.6); None means "exactly when a budget is set".
 
+    ``decay_norm_and_bias``: False exempts every model parameter with at most one dimension
+    (batch-norm scales and shifts, biases) from weight decay, as in Goyal et al. (2017) and
+    "Bag of Tricks" (He et al., 2019); True (default, the paper's recipe) decays them all.
+
     ``lr_reference_batch``: the linear scaling rule, opt in: the learning rate used is
     ``lr * global_batch / lr_reference_batch`` (``global_batch = data.batch_size *
     world_size``); None (default) uses ``lr`` as given, whatever the number of processes.
@@ -86,6 +95,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 2e-4
+    decay_norm_and_bias: bool = True
     schedule: Literal["step", "onecycle", "cosine", "constant"] = "step"
     milestones: tuple[int, ...] = (80, 120)
     gamma: float = 0.1

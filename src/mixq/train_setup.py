@@ -64,12 +64,21 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """One optimizer for all parameters (decision 6). Model weights get weight decay from the
     optimizer; quantizer parameters get the same decay added explicitly *before* their gradient
-    clipping, as the reference code orders it (spec 3.6). ``lr``: default ``optim.lr``."""
+    clipping, as the reference code orders it (spec 3.6). ``lr``: default ``optim.lr``.
+
+    With ``optim.decay_norm_and_bias: false`` the model parameters with ``ndim <= 1``
+    (batch-norm scales and shifts, biases) form a group of their own with no weight decay."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
     qp = {id(p) for p in quantizer_parameters(model)}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qp]
-    groups = [{"params": weights, "weight_decay": o.weight_decay}]
+    if o.decay_norm_and_bias:
+        groups = [{"params": weights, "weight_decay": o.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in weights if p.ndim > 1], "weight_decay": o.weight_decay},
+            {"params": [p for p in weights if p.ndim <= 1], "weight_decay": 0.0},
+        ]
     if qp:
         groups.append({"params": quantizer_parameters(model), "weight_decay": 0.0})
     if o.name == "adam":

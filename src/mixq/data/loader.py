@@ -10,9 +10,10 @@ import torch
 
 from mixq.data.augment import batch_crop, batch_flip
 
-__all__ = ["TensorLoader", "epoch_generator"]
+__all__ = ["FLIP_MODES", "TensorLoader", "epoch_generator"]
 
-_PERM_STREAM, _AUG_STREAM = 0, 1
+_PERM_STREAM, _AUG_STREAM, _FLIP_STREAM = 0, 1, 2
+FLIP_MODES = ("random", "alternating")
 
 
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -46,9 +47,12 @@ class TensorLoader:
 
     Augmentation (``train and augment``): zero-pad by ``crop_pad`` and random-crop back to
     ``H x W`` (one gather per batch), then mirror left-right with probability 0.5
-    (``torch.where`` on a random mask). Images are then converted to float32 and normalised
-    as ``(x / 255 - mean) / std``; the default ``mean = std = 0.5`` maps pixels to
-    ``[-1, 1]``.
+    (``torch.where`` on a random mask). With ``flip_mode="alternating"`` (Jordan, 2024,
+    "94% on CIFAR-10 in 3.29 seconds") the flip is derandomised per image: image ``i`` is
+    mirrored in epoch ``e`` iff ``f_i XOR (e odd)``, with ``f_i ~ Bernoulli(0.5)`` drawn once
+    from ``seed``, so every image is seen both ways in every two consecutive epochs. Images
+    are then converted to float32 and normalised as ``(x / 255 - mean) / std``; the default
+    ``mean = std = 0.5`` maps pixels to ``[-1, 1]``.
 
     Args:
         x_uint8: Images ``[N, C, H, W]``, uint8 (tensor or numpy array).
@@ -63,7 +67,9 @@ class TensorLoader:
         std: Per-channel std (or one value) in ``[0, 1]`` units; default 0.5.
         channels_last: Yield images in ``torch.channels_last`` memory format.
         crop_pad: Padding of the random crop in pixels; 0 disables cropping.
-        flip: Whether augmentation includes the random horizontal flip.
+        flip: Whether augmentation includes the horizontal flip.
+        flip_mode: ``"random"`` (each image with probability 0.5, drawn per epoch) or
+            ``"alternating"`` (per image, mirrored in every other epoch).
 
     Yields:
         ``(x, y)``: float32 ``[B, C, H, W]`` and int64 ``[B]`` on ``device``.
@@ -85,6 +91,7 @@ class TensorLoader:
         channels_last: bool = True,
         crop_pad: int = 4,
         flip: bool = True,
+        flip_mode: str = "random",
     ) -> None:
         x = torch.as_tensor(x_uint8)
         y = torch.as_tensor(y)
@@ -96,6 +103,8 @@ class TensorLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if crop_pad < 0:
             raise ValueError(f"crop_pad must be >= 0, got {crop_pad}")
+        if flip_mode not in FLIP_MODES:
+            raise ValueError(f"flip_mode must be one of {FLIP_MODES}, got {flip_mode!r}")
         if drop_last and x.shape[0] < batch_size:
             raise ValueError(
                 f"drop_last=True with batch_size {batch_size} > {x.shape[0]} "
@@ -107,6 +116,7 @@ class TensorLoader:
         self.batch_size = int(batch_size)
         self.train, self.augment, self.drop_last = bool(train), bool(augment), bool(drop_last)
         self.seed, self.crop_pad, self.flip = int(seed), int(crop_pad), bool(flip)
+        self.flip_mode = flip_mode
         self.channels_last = bool(channels_last)
         channels = x.shape[1]
         self._mean = _channel_vector(mean, 0.5, channels, "mean").to(self.device)
@@ -147,6 +157,11 @@ class TensorLoader:
             params["dy"] = torch.randint(0, span, (n,), generator=g)
             params["dx"] = torch.randint(0, span, (n,), generator=g)
             params["flip"] = torch.rand(n, generator=g) < 0.5
+            if self.flip_mode == "alternating":
+                # Per image (indexed by image, then put in batch order by the permutation).
+                first = torch.rand(n, generator=epoch_generator(self.seed, 0, _FLIP_STREAM)) < 0.5
+                per_image = first ^ bool(epoch % 2)
+                params["flip"] = per_image[params["perm"]] if "perm" in params else per_image
         return {k: v.to(self.device) for k, v in params.items()}
 
     def _prepare(self, xb: torch.Tensor) -> torch.Tensor:

@@ -101,11 +101,16 @@ class CifarResNet(nn.Module):
     Args:
         depth: Network depth (20, 32, 44, 56, 110, ...); must satisfy ``(depth - 2) % 6 == 0``.
         num_classes: Number of output classes.
+        zero_init_residual: initialise the last batch-norm scale (``bn2.weight``) of every
+            residual block to 0, so that each block starts as its shortcut (Goyal et al.,
+            2017). Off by default: the paper's networks use the standard initialisation.
     """
 
     default_input_shape: tuple[int, int, int] = (3, 32, 32)
 
-    def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, zero_init_residual: bool = False
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6n+2 with n >= 1, got {depth}")
@@ -126,6 +131,10 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BasicBlockA):
+                    nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
@@ -141,37 +150,40 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-def resnet20(num_classes: int = 10) -> CifarResNet:
+def resnet20(num_classes: int = 10, zero_init_residual: bool = False) -> CifarResNet:
     """ResNet-20 for CIFAR (268,346 conv + FC parameters for 10 classes).
 
     Args:
         num_classes: Number of output classes.
+        zero_init_residual: see :class:`CifarResNet`.
 
     Returns:
         The freshly initialised network.
     """
-    return CifarResNet(20, num_classes)
+    return CifarResNet(20, num_classes, zero_init_residual)
 
 
-def resnet32(num_classes: int = 10) -> CifarResNet:
+def resnet32(num_classes: int = 10, zero_init_residual: bool = False) -> CifarResNet:
     """ResNet-32 for CIFAR.
 
     Args:
         num_classes: Number of output classes.
+        zero_init_residual: see :class:`CifarResNet`.
 
     Returns:
         The freshly initialised network.
     """
-    return CifarResNet(32, num_classes)
+    return CifarResNet(32, num_classes, zero_init_residual)
 
 
-def resnet56(num_classes: int = 10) -> CifarResNet:
+def resnet56(num_classes: int = 10, zero_init_residual: bool = False) -> CifarResNet:
     """ResNet-56 for CIFAR.
 
     Args:
         num_classes: Number of output classes.
+        zero_init_residual: see :class:`CifarResNet`.
 
     Returns:
         The freshly initialised network.
     """
-    return CifarResNet(56, num_classes)
+    return CifarResNet(56, num_classes, zero_init_residual)
