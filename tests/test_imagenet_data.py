@@ -249,15 +249,15 @@ def test_table4_presets(model):
 
 def test_alternating_flip_is_refused_for_streaming_datasets(folder):
     """``data.flip=alternating`` exists for in-memory datasets only: a streaming dataset gets a
-    clear error that names the key and the fix, not a silently random flip."""
+    clear error when the config is read, naming the key and the fix, not a silent random flip."""
     from mixq.config import ConfigError
     from mixq.distributed import DistContext, build_loaders
 
     d = {"name": "imagefolder", "dir": str(folder), "batch_size": 4, "workers": 0}
-    cfg = TrainConfig.from_data({"data": {**d, "flip": "alternating"}})
-    data = open_imagefolder(folder, image_size=16)
-    with pytest.raises(ConfigError, match=r"data\.flip='alternating'.*data\.flip=random"):
-        build_loaders(cfg, data, DistContext())
+    for name in ("imagefolder", "imagenet_shards"):
+        with pytest.raises(ConfigError, match=r"data\.flip='alternating'.*data\.flip=random"):
+            TrainConfig.from_data({"data": {**d, "name": name, "flip": "alternating"}})
+    assert TrainConfig.from_data({"data": {"name": "cifar10", "flip": "alternating"}})
     ok = TrainConfig.from_data({"data": d})
-    train, _ = build_loaders(ok, data, DistContext())
+    train, _ = build_loaders(ok, open_imagefolder(folder, image_size=16), DistContext())
     assert len(train) > 0

@@ -376,11 +376,6 @@ def build_loaders(cfg: TrainConfig, data: Any, ctx: DistContext) -> tuple[Any, A
     d = cfg.data
     common = {"device": ctx.device, "channels_last": cfg.channels_last, "seed": cfg.seed}
     if not isinstance(data, DatasetArrays):
-        if d.flip != "random":
-            raise ConfigError(
-                f"data.flip={d.flip!r} works only with in-memory datasets (cifar10, digits, "
-                f"synthetic), not {d.name!r}: remove the key or set data.flip=random"
-            )
         return data.loaders(
             batch_size=d.batch_size,
             eval_batch_size=d.eval_batch_size,

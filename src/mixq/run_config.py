@@ -70,6 +70,13 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 8:
                 raise ConfigError(f"data.{name}={value} must be >= 8 (or null)")
+        from mixq.data.shards import STREAMING_DATASETS
+
+        if self.flip != "random" and self.name in STREAMING_DATASETS:
+            raise ConfigError(
+                f"data.flip={self.flip!r} works only with in-memory datasets (cifar10, digits, "
+                f"synthetic), not {self.name!r}: remove the key or set data.flip=random"
+            )
 
 
 @dataclass(frozen=True)

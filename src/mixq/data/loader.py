@@ -156,9 +156,9 @@ class TensorLoader:
             span = 2 * self.crop_pad + 1
             params["dy"] = torch.randint(0, span, (n,), generator=g)
             params["dx"] = torch.randint(0, span, (n,), generator=g)
-            params["flip"] = torch.rand(n, generator=g) < 0.5
-            if self.flip_mode == "alternating":
-                # Per image (indexed by image, then put in batch order by the permutation).
+            if self.flip_mode == "random":
+                params["flip"] = torch.rand(n, generator=g) < 0.5
+            else:  # alternating: per image, then put in batch order by the permutation
                 first = torch.rand(n, generator=epoch_generator(self.seed, 0, _FLIP_STREAM)) < 0.5
                 per_image = first ^ bool(epoch % 2)
                 params["flip"] = per_image[params["perm"]] if "perm" in params else per_image
