@@ -92,6 +92,12 @@ class OptimConfig:
     (batch-norm scales and shifts, biases) from weight decay, as in Goyal et al. (2017) and
     "Bag of Tricks" (He et al., 2019); True (default, the paper's recipe) decays them all.
 
+    ``ema_decay``: keep an exponential moving average of the model (parameters and batch-norm
+    buffers, ``torch.optim.swa_utils.AveragedModel``), updated after every optimizer step:
+    ``W_ema <- ema_decay * W_ema + (1 - ema_decay) * W`` (Polyak averaging). The average is
+    what is evaluated, selected, checkpointed as ``model`` and reported; 0 (default, the
+    paper's recipe): off.
+
     ``lr_reference_batch``: the linear scaling rule, opt in: the learning rate used is
     ``lr * global_batch / lr_reference_batch`` (``global_batch = data.batch_size *
     world_size``); None (default) uses ``lr`` as given, whatever the number of processes.
@@ -111,8 +117,14 @@ class OptimConfig:
     label_smoothing: float = 0.0
     clip_quant_grads: bool | None = None
     lr_reference_batch: int | None = None
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(
+                f"optim.ema_decay={self.ema_decay} must be in [0, 1) (0: no moving average; "
+                "typical: 0.999)"
+            )
         if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
             raise ConfigError("optim.lr_reference_batch must be >= 1 (or null)")
         if not self.lr > 0:

@@ -13,6 +13,11 @@ Under ``torchrun`` (see :mod:`mixq.distributed`) the model is wrapped in
 trains on its disjoint part of each global batch, evaluates its part of the test set (sums
 all-reduced), and only rank 0 writes the run directory. Checkpoints hold the unwrapped model's
 state dict, so they are the same as a single-process run's.
+
+With ``optim.ema_decay`` > 0 an exponential moving average of the model (parameters and
+buffers) is updated after every step; the average is the model that is evaluated, selected
+and saved as ``model`` (``best.pt``, ``last.pt``); ``last.pt`` also holds the trained weights
+(``train_model``) and the average's step count, so a resumed run continues both exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mixq import distributed as D
 from mixq.build import build_model
@@ -134,6 +140,13 @@ class Trainer:
         self.qstep = QuantizerStep(
             self.model, self.quantizers, self.budget, wd, self.clip_quant_grads, cfg.compile
         )
+        self.ema: AveragedModel | None = None
+        if cfg.optim.ema_decay:
+            self.ema = AveragedModel(
+                self.model,
+                multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay),
+                use_buffers=True,  # batch-norm running statistics are averaged too
+            )
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.train_loader, self.test_loader = D.build_loaders(cfg, data, self.ctx)
@@ -146,6 +159,12 @@ class Trainer:
         self.epoch = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": None}
         self._recal_loader: Any = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is evaluated, selected and saved: the moving average when
+        ``optim.ema_decay`` is set, else the trained model itself."""
+        return self.model if self.ema is None else self.ema.module
 
     # -- one training step (the hot path) -------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +182,8 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.qstep.after_optimizer_step()  # projection (spec 1.5)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return loss.detach(), penalty.detach()
 
     def train_one_epoch(self) -> dict[str, float]:
@@ -201,18 +222,20 @@ class Trainer:
             "epoch_time_s": dt,
         }
 
-    def evaluate(self) -> dict[str, float]:
-        """Test metrics of the whole test set (rank 0's batch-norm statistics on every rank)."""
-        self.recalibrate_bn()
-        D.broadcast_buffers(self.model, self.ctx)
-        return evaluate(self.model, self.test_loader, self.ctx)
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Test metrics of the whole test set (rank 0's batch-norm statistics on every rank)
+        for ``model`` (default: ``eval_model``)."""
+        model = self.eval_model if model is None else model
+        self.recalibrate_bn(model)
+        D.broadcast_buffers(model, self.ctx)
+        return evaluate(model, self.test_loader, self.ctx)
 
     @torch.no_grad()
-    def recalibrate_bn(self) -> None:
+    def recalibrate_bn(self, model: nn.Module) -> None:
         """Re-estimate batch-norm running statistics from ``cfg.bn_recalibrate`` training
         batches (cumulative average, fixed data order), for quantized models only."""
         n = self.cfg.bn_recalibrate
-        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not n or not self.quantizers or not bns:
             return
         if self._recal_loader is None:
@@ -222,24 +245,24 @@ class Trainer:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
-        was_training = self.model.training
-        self.model.train()
+        was_training = model.training
+        model.train()
         for i, (x, _) in enumerate(self._recal_loader):
             if i >= n:
                 break
-            self.model(x)
+            model(x)
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
-        self.model.train(was_training)
+        model.train(was_training)
 
     def select_step(self, step: int) -> None:
         """Mid-epoch model selection: evaluate when every budget is met; keep the best."""
-        if not all(self.budget.satisfied(self.model).values()):
+        if not all(self.budget.satisfied(self.eval_model).values()):
             return
         acc = self.evaluate()["acc"]
         self.net.train()
         if acc > self.best["acc"]:
-            m = memory_stats(self.model)
+            m = memory_stats(self.eval_model)
             self.best = {
                 "acc": acc,
                 "epoch": self.epoch + 1,
@@ -251,9 +274,17 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.ema is not None:  # to resume: the trained weights and the average's count
+            extra = {
+                "train_model": self.model.state_dict(),
+                "ema_n_averaged": int(self.ema.n_averaged),
+            }
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),  # the unwrapped model: no "module." prefix
+            # the unwrapped model (no "module." prefix); the moving average when there is one
+            "model": self.eval_model.state_dict(),
+            **extra,
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "epoch": self.epoch,
@@ -288,7 +319,12 @@ class Trainer:
             )
         if ckpt.get("world_size", 1) != self.ctx.world_size and self.is_main:
             print(f"note: {str(path)!r} was written by another number of processes")
-        self.model.load_state_dict(ckpt["model"])
+        if self.ema is None:
+            self.model.load_state_dict(ckpt["model"])
+        else:
+            self.model.load_state_dict(ckpt["train_model"])
+            self.ema.module.load_state_dict(ckpt["model"])
+            self.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         if not self.ctx.enabled:
@@ -313,8 +349,10 @@ class Trainer:
     def _record(self, metrics: dict[str, Any], epoch_done: int) -> dict[str, Any]:
         """Evaluate, select, checkpoint and log the end of an epoch."""
         metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
-        metrics.update(memory_stats(self.model))
-        met = self.budget.satisfied(self.model) if self.budget.active else {}
+        if self.ema is not None:  # the trained weights themselves, for comparison
+            metrics["test_acc_trained"] = self.evaluate(self.model)["acc"]
+        metrics.update(memory_stats(self.eval_model))
+        met = self.budget.satisfied(self.eval_model) if self.budget.active else {}
         metrics["budget_met"] = all(met.values())
         self.epoch = epoch_done
         if metrics["budget_met"] and metrics["test_acc"] > self.best["acc"]:
