@@ -25,6 +25,8 @@ Variants:
 * ``*-compile`` (``float-compile``, ``mixq-wa-compile``, ``mixq-p2-compile``): the whole step
   compiled, as ``compile: true`` in a training config: ``torch.compile`` of the model and of
   the penalty and the quantizer updates (``mixq.qat_step.QuantizerStep``).
+* ``*-ema`` (``float-ema``, ``mixq-wa-ema``): the same plus the moving average of
+  ``optim.ema_decay`` (``AveragedModel.update_parameters`` after every step).
 * ``lsq``: ``torch._fake_quantize_learnable_per_tensor_affine`` at 4 bits on the same tensors
   (conv/linear weights signed ``[-8, 7]``, ReLU outputs unsigned ``[0, 15]`` in place of the
   ReLU, as mixq's activation quantizer; LSQ gradient scale ``1/sqrt(numel * q_max)``).
@@ -152,6 +154,7 @@ class Variant:
     penalty: Budget | None = None
     kernel: str | None = None
     compile: bool = False
+    ema: bool = False
     opt: torch.optim.Optimizer = field(init=False)
     quantizers: list = field(init=False)
     times: list[float] = field(default_factory=list)
@@ -167,6 +170,13 @@ class Variant:
         self.qstep = QuantizerStep(self.model, self.quantizers, budget, clip=budget.active,
                                    compile=self.compile)  # fmt: skip
         self.forward = torch.compile(self.model) if self.compile else self.model
+        self.averaged = None
+        if self.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.averaged = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True
+            )
 
     def step(self, x: Tensor, y: Tensor) -> None:
         """One training step (see the module docstring)."""
@@ -180,6 +190,8 @@ class Variant:
             self.qstep.before_optimizer_step()
             self.opt.step()
             self.qstep.after_optimizer_step()
+            if self.averaged is not None:
+                self.averaged.update_parameters(self.model)
 
 
 CONFIGS: dict[str, QuantConfig] = {
@@ -195,7 +207,7 @@ KERNEL_SUFFIXES = {"-ref": "reference", "-torch": "torch", "-compiled": "compile
 ALL = ["float", "mixq-w", "mixq-wa", "mixq-p2", "mixq-w-ref", "mixq-wa-ref", "mixq-p2-ref",
        "lsq", "brevitas"]  # fmt: skip
 EXTRA = [f"{b}{s}" for b in ("mixq-w", "mixq-wa", "mixq-p2") for s in ("-torch", "-compiled")]
-EXTRA += ["float-compile", "mixq-wa-compile", "mixq-p2-compile"]
+EXTRA += ["float-compile", "mixq-wa-compile", "mixq-p2-compile", "float-ema", "mixq-wa-ema"]
 """Also accepted by ``--variants`` (not in the default list)."""
 
 
@@ -208,6 +220,11 @@ def build(name: str, device: torch.device) -> Variant | None:
         if v is None:
             return None
         return Variant(name, v.model, v.penalty, v.kernel, compile=True)
+    if name.endswith("-ema"):
+        v = build(name.removesuffix("-ema"), device)
+        if v is None:
+            return None
+        return Variant(name, v.model, v.penalty, v.kernel, ema=True)
     if name == "float":
         model, penalty, kernel = resnet20(), None, None
     elif name.startswith("mixq") and name not in ALL + EXTRA:
