@@ -68,9 +68,12 @@ def test_off_by_default_and_the_model_is_the_trained_one():
     assert tr.ema is None and tr.eval_model is tr.model
 
 
-def test_checkpoint_model_is_the_average_and_is_what_was_evaluated(tmp_path, capsys):
+@pytest.mark.parametrize("quant", [None, {}])
+def test_checkpoint_model_is_the_average_and_is_what_was_evaluated(tmp_path, capsys, quant):
+    """The logged accuracy and memory (bitwidths of the averaged quantizer parameters) are
+    those of the checkpoint's ``model``, i.e. of the average."""
     run = tmp_path / "run"
-    fit(_cfg(), run, progress=False)
+    fit(_cfg({**FLOAT, "quant": quant}), run, progress=False)
     last = load_checkpoint(run / "last.pt")
     assert set(last["train_model"]) == set(last["model"])
     assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
@@ -78,7 +81,10 @@ def test_checkpoint_model_is_the_average_and_is_what_was_evaluated(tmp_path, cap
     assert "test_acc_trained" in m
     capsys.readouterr()
     assert main(["eval", str(run / "last.pt"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["acc"] == pytest.approx(m["test_acc"], abs=1e-12)
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["acc"] == pytest.approx(m["test_acc"], abs=1e-12)
+    for k in ("weight_kib", "act_sum_kib", "mean_w_bits", "mean_a_bits"):
+        assert ev[k] == pytest.approx(m[k], abs=1e-9), k
 
 
 def _killed_at_epoch(monkeypatch, epoch: int, start) -> None:
