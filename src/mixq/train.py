@@ -231,9 +231,11 @@ class Trainer:
         return evaluate(model, self.test_loader, self.ctx)
 
     @torch.no_grad()
-    def recalibrate_bn(self, model: nn.Module) -> None:
-        """Re-estimate batch-norm running statistics from ``cfg.bn_recalibrate`` training
-        batches (cumulative average, fixed data order), for quantized models only."""
+    def recalibrate_bn(self, model: nn.Module | None = None) -> None:
+        """Re-estimate the batch-norm running statistics of ``model`` (default: ``eval_model``)
+        from ``cfg.bn_recalibrate`` training batches (cumulative average, fixed data order),
+        for quantized models only."""
+        model = self.eval_model if model is None else model
         n = self.cfg.bn_recalibrate
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not n or not self.quantizers or not bns:
