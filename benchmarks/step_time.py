@@ -215,16 +215,12 @@ def build(name: str, device: torch.device) -> Variant | None:
     """The variant ``name`` on ``device`` in channels_last, or None when unavailable."""
     torch.manual_seed(0)
     budget = Budget.parse(weight="70KB")
-    if name.endswith("-compile"):
-        v = build(name.removesuffix("-compile"), device)
-        if v is None:
-            return None
-        return Variant(name, v.model, v.penalty, v.kernel, compile=True)
-    if name.endswith("-ema"):
-        v = build(name.removesuffix("-ema"), device)
-        if v is None:
-            return None
-        return Variant(name, v.model, v.penalty, v.kernel, ema=True)
+    for suffix, flag in (("-compile", "compile"), ("-ema", "ema")):  # the base variant, plus
+        if name.endswith(suffix):
+            v = build(name.removesuffix(suffix), device)
+            return (
+                None if v is None else Variant(name, v.model, v.penalty, v.kernel, **{flag: True})
+            )
     if name == "float":
         model, penalty, kernel = resnet20(), None, None
     elif name.startswith("mixq") and name not in ALL + EXTRA:

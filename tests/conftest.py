@@ -24,3 +24,25 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kill_at_epoch(monkeypatch):
+    """``kill_at_epoch(epoch, start)``: run ``start()`` and kill the run (KeyboardInterrupt) as
+    0-based ``epoch`` begins; training is normal again afterwards."""
+    from mixq.train import Trainer
+
+    original = Trainer.train_one_epoch
+
+    def kill(epoch: int, start) -> None:
+        def killed(self):
+            if self.epoch == epoch:
+                raise KeyboardInterrupt
+            return original(self)
+
+        monkeypatch.setattr(Trainer, "train_one_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            start()
+        monkeypatch.setattr(Trainer, "train_one_epoch", original)
+
+    return kill

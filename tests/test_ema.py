@@ -87,27 +87,13 @@ def test_checkpoint_model_is_the_average_and_is_what_was_evaluated(tmp_path, cap
         assert ev[k] == pytest.approx(m[k], abs=1e-9), k
 
 
-def _killed_at_epoch(monkeypatch, epoch: int, start) -> None:
-    original = Trainer.train_one_epoch
-
-    def killed(self):
-        if self.epoch == epoch:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_one_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        start()
-    monkeypatch.setattr(Trainer, "train_one_epoch", original)
-
-
 @pytest.mark.parametrize("quant", [None, {}])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, quant):
+def test_resume_equals_uninterrupted(tmp_path, kill_at_epoch, quant):
     """Both the trained weights and the average continue exactly (float and quantized)."""
     base = {**FLOAT, "quant": quant}
     cfg = _cfg(base)
     fit(cfg, tmp_path / "full", progress=False)
-    _killed_at_epoch(monkeypatch, 2, lambda: fit(cfg, tmp_path / "killed", progress=False))
+    kill_at_epoch(2, lambda: fit(cfg, tmp_path / "killed", progress=False))
     fit(cfg, tmp_path / "killed", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(tmp_path / "killed" / "last.pt")

@@ -102,25 +102,10 @@ def test_load_model_rebuilds_the_trained_model(tiny_run):
     assert torch.equal(model(x), model2(x))
 
 
-def _killed_at_epoch(monkeypatch, epoch: int, start) -> None:
-    """Run ``start()`` and kill the run (KeyboardInterrupt) as 0-based ``epoch`` begins."""
-    original = Trainer.train_one_epoch
-
-    def killed(self):
-        if self.epoch == epoch:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_one_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        start()
-    monkeypatch.setattr(Trainer, "train_one_epoch", original)
-
-
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path, kill_at_epoch):
     cfg = _cfg()
     fit(cfg, tmp_path / "full", progress=False)
-    _killed_at_epoch(monkeypatch, 2, lambda: fit(cfg, tmp_path / "killed", progress=False))
+    kill_at_epoch(2, lambda: fit(cfg, tmp_path / "killed", progress=False))
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"] == 2
     fit(cfg, tmp_path / "killed", resume=True, progress=False)
     a = load_checkpoint(tmp_path / "full" / "last.pt")
@@ -143,13 +128,13 @@ def test_refuses_to_overwrite_and_to_resume_another_config(tiny_run):
         fit(_cfg(**{"optim.lr": 0.01}), tiny_run, resume=True, progress=False)
 
 
-def test_cli_resume_from_the_run_directory_alone(tmp_path, monkeypatch, capsys):
+def test_cli_resume_from_the_run_directory_alone(tmp_path, kill_at_epoch, capsys):
     """``mixq train --resume --run-dir DIR`` continues with DIR/config.yaml (no --config)."""
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(TINY))
     run = tmp_path / "run"
     argv = ["train", "--config", str(cfg_file), "--run-dir", str(run), "--no-progress"]
-    _killed_at_epoch(monkeypatch, 1, lambda: main(argv))
+    kill_at_epoch(1, lambda: main(argv))
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     capsys.readouterr()
     assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0
