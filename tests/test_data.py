@@ -437,6 +437,62 @@ def test_loader_crop_is_a_padded_window():
     assert torch.equal(_to_uint8(no_aug[0]), x[no_aug[1]])  # augment=False: untouched
 
 
+def _max_shift(out: torch.Tensor, x: torch.Tensor, pad: int) -> int:
+    """Largest |shift| (in pixels) over a batch ``out`` of crops of ``x`` padded by ``pad``."""
+    size = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    worst = 0
+    for i in range(x.shape[0]):
+        shifts = [
+            max(abs(dy - pad), abs(dx - pad))
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + size, dx : dx + size])
+        ]
+        assert shifts, f"image {i} is not a window of its {pad}-padded original"
+        worst = max(worst, min(shifts))
+    return worst
+
+
+def test_config_crop_pad_reaches_the_training_loader():
+    """``data.crop_pad`` sets the random crop's padding: with 1 every training image is
+    shifted by at most one pixel (and some by exactly one); the default is the standard 4,
+    under which shifts of more than one pixel occur; test images are never cropped."""
+    from mixq.data.synthetic import synthetic_arrays
+    from mixq.distributed import DistContext, build_loaders
+    from mixq.run_config import TrainConfig
+
+    data = synthetic_arrays(64, 8, shape=(3, 16, 16))
+    shifts = {}
+    for pad in (1, None):
+        d = {"name": "synthetic", "batch_size": 64, "flip": "random"}
+        if pad is not None:
+            d["crop_pad"] = pad
+        cfg = TrainConfig.from_data({"data": d, "seed": 3})
+        train, test = build_loaders(cfg, data, DistContext())
+        assert train.crop_pad == (4 if pad is None else pad)
+        train.flip = False
+        xb, yb = next(iter(train))
+        idx = train._epoch_params(0)["perm"][: xb.shape[0]].cpu()  # epoch 0's shuffle
+        assert torch.equal(yb, data.y_train[idx])
+        x = data.x_train[idx]
+        shifts[pad] = _max_shift(_to_uint8(xb), x, train.crop_pad)
+        xt, _ = next(iter(test))
+        assert torch.equal(_to_uint8(xt), data.x_test)  # evaluation: no crop
+    assert shifts[1] == 1 and shifts[None] > 1
+
+
+def test_crop_pad_errors_name_the_key():
+    from mixq.config import ConfigError
+    from mixq.run_config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"data\.crop_pad=-1 must be >= 0"):
+        TrainConfig.from_data({"data": {"crop_pad": -1}})
+    with pytest.raises(ValueError, match=r"crop_pad=8 must be smaller than the \(8, 8\) images"):
+        TensorLoader(_images(4), torch.arange(4), 4, train=True, augment=True, crop_pad=8)
+    TensorLoader(_images(4), torch.arange(4), 4, train=False, crop_pad=8)  # no crop: no error
+
+
 # ----------------------------------------------------------------------------- other datasets
 
 

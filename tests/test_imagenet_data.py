@@ -258,6 +258,10 @@ def test_alternating_flip_is_refused_for_streaming_datasets(folder):
         with pytest.raises(ConfigError, match=r"data\.flip='alternating'.*data\.flip=random"):
             TrainConfig.from_data({"data": {**d, "name": name, "flip": "alternating"}})
     assert TrainConfig.from_data({"data": {"name": "cifar10", "flip": "alternating"}})
+    for name in ("imagefolder", "imagenet_shards"):  # the same for the crop padding
+        with pytest.raises(ConfigError, match=r"data\.crop_pad=2 works only with in-memory"):
+            TrainConfig.from_data({"data": {**d, "name": name, "crop_pad": 2}})
+    assert TrainConfig.from_data({"data": {"name": "cifar10", "crop_pad": 2}})
     ok = TrainConfig.from_data({"data": d})
     train, _ = build_loaders(ok, open_imagefolder(folder, image_size=16), DistContext())
     assert len(train) > 0

@@ -388,7 +388,14 @@ def build_loaders(cfg: TrainConfig, data: Any, ctx: DistContext) -> tuple[Any, A
         )
     augment = d.augment and data.input_shape[-1] >= 16
     args = (data.x_train, data.y_train, d.batch_size)
-    kw = {"train": True, "augment": augment, "drop_last": True, "flip_mode": d.flip, **common}
+    kw = {
+        "train": True,
+        "augment": augment,
+        "drop_last": True,
+        "flip_mode": d.flip,
+        "crop_pad": d.crop_pad,
+        **common,
+    }
     if not ctx.enabled:
         train = TensorLoader(*args, **kw)
         xt, yt = data.x_test, data.y_test

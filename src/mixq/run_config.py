@@ -60,10 +60,13 @@ class DataConfig:
     resize_size: int | None = None
     random_resized_crop: bool = True
     flip: Literal["random", "alternating"] = "random"
+    crop_pad: int = 4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.crop_pad < 0:
+            raise ConfigError(f"data.crop_pad={self.crop_pad} must be >= 0 (0: no random crop)")
         if self.workers < 0:
             raise ConfigError("data.workers must be >= 0")
         for name in ("image_size", "resize_size"):
@@ -76,6 +79,12 @@ class DataConfig:
             raise ConfigError(
                 f"data.flip={self.flip!r} works only with in-memory datasets (cifar10, digits, "
                 f"synthetic), not {self.name!r}: remove the key or set data.flip=random"
+            )
+        if self.crop_pad != 4 and self.name in STREAMING_DATASETS:
+            raise ConfigError(
+                f"data.crop_pad={self.crop_pad} works only with in-memory datasets (cifar10, "
+                f"digits, synthetic), not {self.name!r}: remove the key (the streaming datasets "
+                "use data.random_resized_crop)"
             )
 
 

@@ -103,6 +103,11 @@ class TensorLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if crop_pad < 0:
             raise ValueError(f"crop_pad must be >= 0, got {crop_pad}")
+        if train and augment and crop_pad >= min(x.shape[-2:]):
+            raise ValueError(
+                f"crop_pad={crop_pad} must be smaller than the {tuple(x.shape[-2:])} images "
+                "(a crop would be padding only): use a smaller data.crop_pad, or 0 for no crop"
+            )
         if flip_mode not in FLIP_MODES:
             raise ValueError(f"flip_mode must be one of {FLIP_MODES}, got {flip_mode!r}")
         if drop_last and x.shape[0] < batch_size:
