@@ -414,44 +414,34 @@ def test_loader_alternating_flip_mirrors_each_image_every_other_epoch():
         TensorLoader(x, y, 10, train=True, flip_mode="sometimes")
 
 
+def _shifts(out: torch.Tensor, x: torch.Tensor, pad: int) -> list[int]:
+    """Per image of ``out`` (uint8 crops of ``x``): the smallest shift ``max(|dy|, |dx|)`` in
+    pixels of a window of the ``pad``-padded original that equals it; fails if there is none."""
+    size = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    shifts = []
+    for i in range(x.shape[0]):
+        found = [
+            max(abs(dy - pad), abs(dx - pad))
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if torch.equal(out[i], padded[i, :, dy : dy + size, dx : dx + size])
+        ]
+        assert found, f"image {i} is not a window of its {pad}-padded original"
+        shifts.append(min(found))
+    return shifts
+
+
 def test_loader_crop_is_a_padded_window():
     x = _images(16, size=6, channels=2)
     loader = TensorLoader(
         x, torch.arange(16), 16, train=True, augment=True, flip=False, crop_pad=2, seed=1
     )
     out, idx = next(iter(loader))
-    out = _to_uint8(out)
-    padded = torch.nn.functional.pad(x[idx], (2, 2, 2, 2))
-    shifted = 0
-    for i in range(16):
-        windows = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            if torch.equal(out[i], padded[i, :, dy : dy + 6, dx : dx + 6])
-        ]
-        assert windows, f"image {i} is not a window of its padded original"
-        shifted += (2, 2) not in windows
-    assert shifted > 8
+    shifts = _shifts(_to_uint8(out), x[idx], 2)
+    assert sum(s > 0 for s in shifts) > 8
     no_aug = next(iter(TensorLoader(x, torch.arange(16), 16, train=True, seed=1)))
     assert torch.equal(_to_uint8(no_aug[0]), x[no_aug[1]])  # augment=False: untouched
-
-
-def _max_shift(out: torch.Tensor, x: torch.Tensor, pad: int) -> int:
-    """Largest |shift| (in pixels) over a batch ``out`` of crops of ``x`` padded by ``pad``."""
-    size = x.shape[-1]
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    worst = 0
-    for i in range(x.shape[0]):
-        shifts = [
-            max(abs(dy - pad), abs(dx - pad))
-            for dy in range(2 * pad + 1)
-            for dx in range(2 * pad + 1)
-            if torch.equal(out[i], padded[i, :, dy : dy + size, dx : dx + size])
-        ]
-        assert shifts, f"image {i} is not a window of its {pad}-padded original"
-        worst = max(worst, min(shifts))
-    return worst
 
 
 def test_config_crop_pad_reaches_the_training_loader():
@@ -476,7 +466,7 @@ def test_config_crop_pad_reaches_the_training_loader():
         idx = train._epoch_params(0)["perm"][: xb.shape[0]].cpu()  # epoch 0's shuffle
         assert torch.equal(yb, data.y_train[idx])
         x = data.x_train[idx]
-        shifts[pad] = _max_shift(_to_uint8(xb), x, train.crop_pad)
+        shifts[pad] = max(_shifts(_to_uint8(xb), x, train.crop_pad))
         xt, _ = next(iter(test))
         assert torch.equal(_to_uint8(xt), data.x_test)  # evaluation: no crop
     assert shifts[1] == 1 and shifts[None] > 1
