@@ -12,6 +12,9 @@
   ``tqt-{u,p}-w2[a4]`` (learned range at fixed bits), ``{u3,p3}-w70kb`` (8a),
   ``{u3,p3}-w70kb-asum92kb`` (8a + 8b), ``{u3,p3}-w70kb-amax8kb`` (8a + 8c).
 * Short CPU recipes: ``float-30ep`` and ``u3-w70kb-15ep`` (see the README's results).
+* ``cifar10/resnet20/15ep/ROW``: every float-init Table 1 row and every Table 3 row above
+  compressed to a 15-epoch fine-tune by one rule (:data:`SHORT_RULE`), for the paper-table runs
+  on a CPU (``docs/results.md``).
 * ``digits/smallcnn/...``: the embedded default on scikit-learn's 8x8 digits.
 * Table 4 (ImageNet, spec 7.2, 8.3): ``imagenet/{resnet18,mobilenet_v2}/...``: ``float-eval``
   (evaluate a pretrained float checkpoint, ``eval_only``), ``fixed-w4a4``, ``tqt-w4a4`` and
@@ -188,6 +191,40 @@ def _short() -> dict[str, dict]:
     return {"cifar10/resnet20/float-30ep": fast, "cifar10/resnet20/u3-w70kb-15ep": q}
 
 
+SHORT_EPOCHS = 15
+SHORT_RULE = (
+    "the paper's schedule compressed to 15 epochs: the learning rate divided by 10 at the same "
+    "fractions of the run as after epochs 80 and 120 of 160 (epochs 7.5 and 11.25, i.e. steps "
+    "2925 and 4387 at 390 steps per epoch); everything else as the row's paper preset"
+)
+
+
+def _compressed(paper: dict[str, dict], epochs: int = SHORT_EPOCHS) -> dict[str, dict]:
+    """Each float-init paper row as a fine-tune of ``epochs`` epochs (:data:`SHORT_RULE`).
+
+    One rule for every row, no per-row tuning: ``optim.epochs`` becomes ``epochs`` and each
+    milestone ``m`` becomes ``m * epochs / 160``; lr, optimizer, batch, weight decay, budgets,
+    lambda and quantizer settings stay the paper preset's.
+    """
+    out = {}
+    for name, cfg in paper.items():
+        if cfg.get("init") != "REQUIRED":
+            continue
+        new = copy.deepcopy(cfg)
+        o = new["optim"]
+        scale = epochs / o["epochs"]
+        o["milestones"] = [m * scale for m in o["milestones"]]
+        o["epochs"] = epochs
+        new["description"] = (
+            f"{cfg['description']} -- {epochs}-epoch fine-tune, lr / 10 at epochs "
+            + " and ".join(f"{m:g}" for m in o["milestones"])
+            + " (the paper's 160 epochs compressed; docs/results.md)"
+        )
+        row = name.rsplit("/", 1)[1]
+        out[f"cifar10/resnet20/{epochs}ep/{row}"] = new
+    return out
+
+
 def _digits() -> dict[str, dict]:
     base = {
         "model": {"name": "smallcnn"},
@@ -288,6 +325,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     **_table1(),
     **_table3(),
+    **_compressed({**_table1(), **_table3()}),
     **_short(),
     **_digits(),
     **_imagenet(),

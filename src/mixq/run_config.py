@@ -119,7 +119,7 @@ class OptimConfig:
     weight_decay: float = 2e-4
     decay_norm_and_bias: bool = True
     schedule: Literal["step", "onecycle", "cosine", "constant"] = "step"
-    milestones: tuple[int, ...] = (80, 120)
+    milestones: tuple[float, ...] = (80, 120)
     gamma: float = 0.1
     epochs: int = 160
     pct_start: float = 0.25
