@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from mixq.data import DatasetArrays
-from mixq.presets import get_preset
-from mixq.run_config import TrainConfig
-from mixq.train import Trainer, load_data
+from mixq.train.config import TrainConfig
+from mixq.train.presets import get_preset
+from mixq.train.trainer import Trainer, load_data
 
 
 def _config(

@@ -24,7 +24,7 @@ Variants:
   the GPU paths side by side. The compilation happens during the warm-up steps.
 * ``*-compile`` (``float-compile``, ``mixq-wa-compile``, ``mixq-p2-compile``): the whole step
   compiled, as ``compile: true`` in a training config: ``torch.compile`` of the model and of
-  the penalty and the quantizer updates (``mixq.qat_step.QuantizerStep``).
+  the penalty and the quantizer updates (``mixq.qat.QuantizerStep``).
 * ``*-ema`` (``float-ema``, ``mixq-wa-ema``): the same plus the moving average of
   ``optim.ema_decay`` (``AveragedModel.update_parameters`` after every step).
 * ``lsq``: ``torch._fake_quantize_learnable_per_tensor_affine`` at 4 bits on the same tensors
@@ -58,7 +58,7 @@ from mixq.config import QuantConfig, SiteConfig
 from mixq.convert import quantize_model, quantizers
 from mixq.cost import Budget
 from mixq.models import resnet20
-from mixq.qat_step import QuantizerStep
+from mixq.qat import QuantizerStep
 from mixq.quant import kernels
 
 # -- LSQ baseline ------------------------------------------------------------------------------

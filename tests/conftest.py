@@ -30,7 +30,7 @@ def _seed():
 def kill_at_epoch(monkeypatch):
     """``kill_at_epoch(epoch, start)``: run ``start()`` and kill the run (KeyboardInterrupt) as
     0-based ``epoch`` begins; training is normal again afterwards."""
-    from mixq.train import Trainer
+    from mixq.train.trainer import Trainer
 
     original = Trainer.train_one_epoch
 

@@ -449,8 +449,9 @@ def test_config_crop_pad_reaches_the_training_loader():
     shifted by at most one pixel (and some by exactly one); the default is the standard 4,
     under which shifts of more than one pixel occur; test images are never cropped."""
     from mixq.data.synthetic import synthetic_arrays
-    from mixq.distributed import DistContext, build_loaders
-    from mixq.run_config import TrainConfig
+    from mixq.train.config import TrainConfig
+    from mixq.train.ddp import DistContext
+    from mixq.train.setup import build_loaders
 
     data = synthetic_arrays(64, 8, shape=(3, 16, 16))
     shifts = {}
@@ -474,7 +475,7 @@ def test_config_crop_pad_reaches_the_training_loader():
 
 def test_crop_pad_errors_name_the_key():
     from mixq.config import ConfigError
-    from mixq.run_config import TrainConfig
+    from mixq.train.config import TrainConfig
 
     with pytest.raises(ConfigError, match=r"data\.crop_pad=-1 must be >= 0"):
         TrainConfig.from_data({"data": {"crop_pad": -1}})
@@ -517,7 +518,7 @@ def test_synthetic_deterministic_and_learnable():
 
 
 def test_registry(tmp_path, monkeypatch):
-    assert set(DATASETS) == {"cifar10", "digits", "synthetic"}
+    assert set(DATASETS) == {"cifar10", "digits", "synthetic", "imagefolder", "imagenet_shards"}
     ds = get_dataset("synthetic", n_train=20, n_test=10, shape=(3, 8, 8))
     assert isinstance(ds, DatasetArrays) and ds.input_shape == (3, 8, 8) and ds.name == "synthetic"
     make_cifar(tmp_path)

@@ -16,12 +16,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from mixq import distributed as D
-from mixq.checkpoint import load_checkpoint, load_model
 from mixq.config import ConfigError
 from mixq.data import TensorLoader
+from mixq.data.loader import RankTensorLoader
+from mixq.data.sharding import GlobalBatchSampler, eval_batches
 from mixq.models import smallcnn
-from mixq.run_config import TrainConfig
+from mixq.train import ddp as D
+from mixq.train.build import load_model
+from mixq.train.checkpoint import load_checkpoint
+from mixq.train.config import TrainConfig
 
 WORLD = 2
 
@@ -67,21 +70,21 @@ def _free_port() -> int:
 
 
 def test_global_batches_are_split_into_disjoint_rank_shards():
-    samplers = [D.GlobalBatchSampler(23, 3, r, WORLD, seed=5) for r in range(WORLD)]
+    samplers = [GlobalBatchSampler(23, 3, r, WORLD, seed=5) for r in range(WORLD)]
     for s in samplers:
         s.set_epoch(2)
     per_rank = [list(s) for s in samplers]
     assert all(len(b) == 23 // 6 for b in per_rank)
-    ref = D.GlobalBatchSampler(23, 3 * WORLD, 0, 1, seed=5)
+    ref = GlobalBatchSampler(23, 3 * WORLD, 0, 1, seed=5)
     ref.set_epoch(2)
     for i, global_batch in enumerate(ref):
         assert per_rank[0][i] + per_rank[1][i] == global_batch
     seen = [i for b in per_rank for batch in b for i in batch]
     assert len(seen) == len(set(seen))
-    with_seeds = D.GlobalBatchSampler(23, 3, 1, WORLD, seed=5, item_seeds=True)
+    with_seeds = GlobalBatchSampler(23, 3, 1, WORLD, seed=5, item_seeds=True)
     with_seeds.set_epoch(2)
     assert [[i for i, _ in b] for b in with_seeds] == per_rank[1]
-    batches = [D.eval_batches(11, 4, r, 3) for r in range(3)]
+    batches = [eval_batches(11, 4, r, 3) for r in range(3)]
     assert sorted(i for b in batches for batch in b for i in batch) == list(range(11))
 
 
@@ -90,7 +93,7 @@ def test_rank_tensor_loader_shards_the_single_process_batches():
     y = torch.arange(20)
     kw = {"train": True, "augment": True, "drop_last": True, "seed": 3}
     full = TensorLoader(x, y, 8, **kw)
-    ranks = [D.RankTensorLoader(x, y, 4, rank=r, world=WORLD, **kw) for r in range(WORLD)]
+    ranks = [RankTensorLoader(x, y, 4, rank=r, world=WORLD, **kw) for r in range(WORLD)]
     for loader in (full, *ranks):
         loader.set_epoch(1)
     for (xf, yf), (x0, y0), (x1, y1) in zip(full, *ranks, strict=True):
@@ -117,7 +120,7 @@ def _worker(rank: int, port: int, cfg_data: dict, run_root: str, dump_dir: str) 
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    import mixq.train as T
+    import mixq.train.trainer as T
 
     writes: list[str] = []
     for name in ("save_checkpoint", "atomic_write_bytes", "append_line"):

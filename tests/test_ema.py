@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from mixq.checkpoint import load_checkpoint
 from mixq.cli import main
 from mixq.config import ConfigError
-from mixq.run_config import TrainConfig
-from mixq.train import Trainer, fit, load_data
+from mixq.train.checkpoint import load_checkpoint
+from mixq.train.config import TrainConfig
+from mixq.train.trainer import Trainer, fit, load_data
 
 FLOAT = {
     "name": "tiny-ema",

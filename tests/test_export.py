@@ -318,7 +318,7 @@ def test_qonnx_structure_and_lowered_parity(r20_mixed, tmp_path):
 
 @needs_onnx
 def test_logit_scale_hook_is_exported(tmp_path):
-    from mixq.build import add_logit_scale
+    from mixq.train.build import add_logit_scale
 
     model = add_logit_scale(_r20("uniform/d_qmax"))
     model.logit_scale.data.fill_(2.5)
@@ -362,10 +362,11 @@ def test_onnx_errors(r20_mixed, tmp_path, monkeypatch):
 
 @needs_onnx
 def test_cli_export(tmp_path, capsys):
-    from mixq.build import build_model
-    from mixq.checkpoint import save_checkpoint
-    from mixq.commands import export as export_cmd
-    from mixq.run_config import TrainConfig
+    from mixq.cli import export as export_cmd
+
+    from mixq.train.build import build_model
+    from mixq.train.checkpoint import save_checkpoint
+    from mixq.train.config import TrainConfig
 
     cfg = TrainConfig.from_data({"model": {"name": "smallcnn", "kwargs": {"in_channels": 3}},
                                  "data": {"name": "synthetic"}, "quant": {}})  # fmt: skip

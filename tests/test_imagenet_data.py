@@ -11,10 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mixq.build import build_model
 from mixq.cli import main
 from mixq.cost import activation_bits, parse_size, weight_bits
-from mixq.data import DataError
+from mixq.data import DataError, LoaderSpec
 from mixq.data.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,12 +23,13 @@ from mixq.data.imagefolder import (
     open_imagefolder,
     scan_imagefolder,
 )
+from mixq.data.sharding import GlobalBatchSampler
 from mixq.data.shards import _TrainAugment, open_shards, prepare_shards, verify_shards
-from mixq.distributed import GlobalBatchSampler
 from mixq.models import smallcnn
-from mixq.presets import PRESETS
-from mixq.run_config import TrainConfig
-from mixq.train import fit
+from mixq.train.build import build_model
+from mixq.train.config import TrainConfig
+from mixq.train.presets import PRESETS
+from mixq.train.trainer import fit
 
 CPU = torch.device("cpu")
 
@@ -64,7 +64,7 @@ def shards(folder, tmp_path_factory) -> Path:
 def _loaders(data, **kw):
     args = {"batch_size": 4, "eval_batch_size": 5, "seed": 0, "device": CPU,
             "channels_last": True, **kw}  # fmt: skip
-    return data.loaders(**args)
+    return data.loaders(LoaderSpec(**args))
 
 
 def _unnormalise(x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +251,8 @@ def test_alternating_flip_is_refused_for_streaming_datasets(folder):
     """``data.flip=alternating`` exists for in-memory datasets only: a streaming dataset gets a
     clear error when the config is read, naming the key and the fix, not a silent random flip."""
     from mixq.config import ConfigError
-    from mixq.distributed import DistContext, build_loaders
+    from mixq.train.ddp import DistContext
+    from mixq.train.setup import build_loaders
 
     d = {"name": "imagefolder", "dir": str(folder), "batch_size": 4, "workers": 0}
     for name in ("imagefolder", "imagenet_shards"):

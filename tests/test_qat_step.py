@@ -1,4 +1,4 @@
-"""``mixq.qat_step.QuantizerStep``: the quantizer side of a step (docs/method.md 3.6, 1.5)."""
+"""``mixq.qat.QuantizerStep``: the quantizer side of a step (docs/method.md 3.6, 1.5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 from mixq import quantize_model
 from mixq.convert import quantizers
 from mixq.cost import Budget
-from mixq.qat_step import QuantizerStep
+from mixq.qat import QuantizerStep
 from mixq.quant import Pow2Quantizer, UniformQuantizer
 
 

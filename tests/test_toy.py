@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mixq.cli import main
-from mixq.toy import Curve, ToyResult, format_table, run_toy
+from mixq.experiments.toy import Curve, ToyResult, format_table, run_toy
 
 #: "Without oscillation": the log-MSE curve climbs by less than this many decades in total.
 NO_OSC = 1e-3

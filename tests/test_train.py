@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
-from mixq.checkpoint import CheckpointError, load_checkpoint, load_model
 from mixq.cli import main
 from mixq.config import ConfigError
 from mixq.models import resnet20
-from mixq.presets import PRESETS, get_preset
-from mixq.run_config import TrainConfig
-from mixq.train import Trainer, fit
+from mixq.train.build import load_model
+from mixq.train.checkpoint import CheckpointError, load_checkpoint
+from mixq.train.config import TrainConfig
+from mixq.train.presets import PRESETS, get_preset
+from mixq.train.trainer import Trainer, fit
 
 TINY = {
     "name": "tiny",
@@ -152,7 +153,7 @@ def test_cli_header_names_the_overrides():
     """A preset's description no longer tells the recipe once --set changes it: the header
     lists the overrides (and --init) after it, so a log says what really ran."""
     from mixq.cli import build_parser
-    from mixq.commands.train import header, resolve_config
+    from mixq.cli.train import header, resolve_config
 
     argv = ["train", "--preset", "cifar10/resnet20/float-30ep", "--set", "data.batch_size=32",
             "--set", "optim.lr=0.025"]  # fmt: skip
@@ -170,7 +171,7 @@ def test_cli_header_names_the_overrides():
 def test_budget_met_on_embedded_dataset(tmp_path):
     """A short run of the README's default on the digits: the kept model meets its budgets."""
     from mixq.cost import Budget
-    from mixq.presets import DEFAULT_PRESET
+    from mixq.train.presets import DEFAULT_PRESET
 
     data = get_preset(DEFAULT_PRESET)
     cfg = TrainConfig.from_data(data, ["optim.epochs=6"])

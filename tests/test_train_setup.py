@@ -1,14 +1,14 @@
-"""Tests for :mod:`mixq.train_setup`: the optimizer's parameter groups and weight decay."""
+"""Tests for :mod:`mixq.train.setup`: the optimizer's parameter groups and weight decay."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mixq.build import build_model
 from mixq.convert import quantizer_parameters
-from mixq.run_config import TrainConfig
-from mixq.train_setup import build_optimizer
+from mixq.train.build import build_model
+from mixq.train.config import TrainConfig
+from mixq.train.setup import build_optimizer
 
 FLOAT = {
     "model": {"name": "resnet20"},

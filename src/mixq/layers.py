@@ -9,6 +9,7 @@ so that the memory model can count it at 32 bits. None of these layers has math 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -152,3 +153,27 @@ QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: QuantLinear,
 }
 """The module-swap mapping: float layer type -> quantized layer type."""
+
+
+def scale_logits(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The forward hook of :func:`add_logit_scale`: ``output * module.logit_scale``."""
+    return output * module.logit_scale
+
+
+def add_logit_scale(model: nn.Module) -> nn.Module:
+    """Register a learnable scalar ``logit_scale`` (init 1) that multiplies the model output.
+
+    The reference code's ``scale_layer`` for pow-2 runs (spec 7.1); it is trained and weight
+    decayed like every parameter. :func:`logit_scale_of` finds it again.
+    """
+    model.register_parameter("logit_scale", nn.Parameter(torch.ones(())))
+    model.register_forward_hook(scale_logits)
+    model.mixq_logit_scale = True
+    return model
+
+
+def logit_scale_of(model: nn.Module) -> torch.Tensor | None:
+    """The scalar that :func:`add_logit_scale` multiplies ``model``'s output by, else None."""
+    if getattr(model, "mixq_logit_scale", False):
+        return model.logit_scale
+    return None

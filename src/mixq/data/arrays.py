@@ -1,10 +1,15 @@
-"""The uniform in-memory form every dataset loader returns."""
+"""The in-memory dataset: the whole dataset as tensors, and its loaders (the protocol of
+:mod:`mixq.data.protocol`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from mixq.data.loader import RankTensorLoader, TensorLoader
+from mixq.data.protocol import LoaderSpec
+from mixq.data.sharding import eval_shard
 
 __all__ = ["DatasetArrays"]
 
@@ -50,3 +55,25 @@ class DatasetArrays:
             raise ValueError(
                 f"{self.name}: {len(self.classes)} class names for {self.num_classes} classes"
             )
+
+    def loaders(self, spec: LoaderSpec) -> tuple[TensorLoader, TensorLoader]:
+        """Device-resident training and test loaders for rank ``spec.rank``.
+
+        The training loader drops incomplete (global) batches; under DDP it is a
+        :class:`RankTensorLoader` and the test loader covers this rank's
+        :func:`~mixq.data.sharding.eval_shard`. Crop and flip apply to images of at least
+        16 px (the 8x8 digits are never augmented).
+        """
+        common = {"device": spec.device, "channels_last": spec.channels_last, "seed": spec.seed}
+        augment = spec.augment and self.input_shape[-1] >= 16
+        args = (self.x_train, self.y_train, spec.batch_size)
+        kw = {"train": True, "augment": augment, "drop_last": True, "flip_mode": spec.flip,
+              "crop_pad": spec.crop_pad, **common}  # fmt: skip
+        if spec.world == 1:
+            train: TensorLoader = TensorLoader(*args, **kw)
+            xt, yt = self.x_test, self.y_test
+        else:
+            train = RankTensorLoader(*args, rank=spec.rank, world=spec.world, **kw)
+            lo, hi = eval_shard(self.y_test.shape[0], spec.rank, spec.world)
+            xt, yt = self.x_test[lo:hi], self.y_test[lo:hi]
+        return train, TensorLoader(xt, yt, spec.eval_batch_size, train=False, **common)

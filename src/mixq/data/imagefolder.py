@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from mixq.data.errors import DataError
+from mixq.data.protocol import LoaderSpec
+from mixq.data.sharding import GlobalBatchSampler, eval_batches
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -341,15 +343,12 @@ class ImageFolderData:
         """``(3, image_size, image_size)``."""
         return (3, self.image_size, self.image_size)
 
-    def loaders(
-        self, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
-        channels_last: bool, rank: int = 0, world: int = 1, workers: int = 0,
-        augment: bool = True, **_: Any,
-    ) -> tuple[DeviceLoader, DeviceLoader]:  # fmt: skip
+    def loaders(self, spec: LoaderSpec) -> tuple[DeviceLoader, DeviceLoader]:
         """Training loader (rank-sharded global batches) and test loader (this rank's part)."""
-        from mixq.distributed import GlobalBatchSampler, eval_batches
-
-        common = {"device": device, "workers": workers, "channels_last": channels_last}
+        common = {"device": spec.device, "workers": spec.workers,
+                  "channels_last": spec.channels_last}  # fmt: skip
+        batch_size, eval_batch_size, seed = spec.batch_size, spec.eval_batch_size, spec.seed
+        rank, world, augment = spec.rank, spec.world, spec.augment
         idx = self.index
         train_ds = ImageFolderDataset(idx.train, self.image_size, True, augment, self.resize_size)
         val_ds = ImageFolderDataset(idx.val, self.image_size, False, False, self.resize_size)
@@ -365,4 +364,6 @@ def open_imagefolder(
     resize_size: int | None = None,
 ) -> ImageFolderData:
     """Scan ``root`` (see :func:`scan_imagefolder`); crops of ``image_size`` (default 224)."""
+    if image_size and resize_size and resize_size < image_size:
+        raise DataError(f"data.resize_size={resize_size} < data.image_size={image_size}")
     return ImageFolderData(scan_imagefolder(root), int(image_size or 224), resize_size)

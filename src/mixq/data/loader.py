@@ -194,3 +194,36 @@ class TensorLoader:
                 if self.flip:
                     xb = batch_flip(xb, p["flip"][sl])
             yield self._prepare(xb), yb
+
+
+class RankTensorLoader(TensorLoader):
+    """:class:`TensorLoader` that yields rank ``rank``'s part of each global batch.
+
+    Permutation and augmentation draws are the single-process loader's (from ``(seed,
+    epoch)``), so the union of the ranks' batches is the global batch of a
+    ``batch_size * world`` loader. Incomplete global batches are dropped.
+    """
+
+    def __init__(self, *args, rank: int, world: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank, self.world = int(rank), int(world)
+        if self.num_samples < self.batch_size * self.world:
+            raise ValueError(
+                f"{self.num_samples} samples are fewer than one global batch "
+                f"({self.batch_size} x {self.world} ranks): lower data.batch_size"
+            )
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.world)
+
+    def _batches(self, p: dict[str, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b, gb = self.batch_size, self.batch_size * self.world
+        for i in range(len(self)):
+            sl = slice(i * gb + self.rank * b, i * gb + (self.rank + 1) * b)
+            idx = p["perm"][sl] if "perm" in p else torch.arange(sl.start, sl.stop)
+            xb, yb = self.x[idx.to(self.device)], self.y[idx.to(self.device)]
+            if "dy" in p:
+                xb = batch_crop(xb, p["dy"][sl], p["dx"][sl], self.crop_pad)
+                if self.flip:
+                    xb = batch_flip(xb, p["flip"][sl])
+            yield self._prepare(xb), yb

@@ -1,4 +1,9 @@
-"""Name -> loader registry: every loader returns :class:`DatasetArrays`."""
+"""The one dataset registry: name -> opener; every dataset follows :mod:`mixq.data.protocol`.
+
+In-memory datasets (:class:`DatasetArrays`: ``cifar10``, ``digits``, ``synthetic``) and the
+streaming ones read from a folder while training (``imagefolder``, ``imagenet_shards``, too
+large for memory; :data:`STREAMING_DATASETS`) are opened the same way, by
+:func:`get_dataset`."""
 
 from __future__ import annotations
 
@@ -12,12 +17,15 @@ from mixq.data.arrays import DatasetArrays
 from mixq.data.cifar10 import find_cifar10_dir, load_cifar10
 from mixq.data.digits import load_digits_arrays
 from mixq.data.errors import DataError
+from mixq.data.imagefolder import open_imagefolder
 from mixq.data.paths import resolve_data_dir
+from mixq.data.protocol import Dataset
+from mixq.data.shards import open_shards
 from mixq.data.synthetic import synthetic_arrays
 
-__all__ = ["DATASETS", "DatasetLoader", "get_dataset"]
+__all__ = ["DATASETS", "STREAMING_DATASETS", "DatasetLoader", "get_dataset"]
 
-DatasetLoader = Callable[..., DatasetArrays]
+DatasetLoader = Callable[..., Dataset]
 
 
 def _cifar10(
@@ -59,27 +67,46 @@ def _synthetic(
     return synthetic_arrays(n_train, n_test, tuple(shape), num_classes, seed)
 
 
-#: Dataset name -> loader ``(data_dir, **kwargs) -> DatasetArrays``.
+def _imagefolder(
+    data_dir: Path | None, *, image_size: int | None = None, resize_size: int | None = None
+) -> Dataset:
+    """An ImageNet-style folder (``train/<class>/*``, ``val/<class>/*``), streamed."""
+    root = resolve_data_dir(data_dir, None)
+    return open_imagefolder(root, image_size=image_size, resize_size=resize_size)
+
+
+def _imagenet_shards(data_dir: Path | None, *, image_size: int | None = None) -> Dataset:
+    """Shards written by ``mixq prepare-imagenet`` (their resize was fixed then), streamed."""
+    return open_shards(resolve_data_dir(data_dir, None), image_size=image_size)
+
+
+#: Dataset name -> opener ``(data_dir, **options) -> Dataset``.
 DATASETS: dict[str, DatasetLoader] = {
     "cifar10": _cifar10,
     "digits": _digits,
     "synthetic": _synthetic,
+    "imagefolder": _imagefolder,
+    "imagenet_shards": _imagenet_shards,
 }
+
+#: The datasets read from disk while training (no in-memory crop/flip options).
+STREAMING_DATASETS = frozenset({"imagefolder", "imagenet_shards"})
 
 
 def get_dataset(
     name: str, data_dir: str | os.PathLike[str] | None = None, **kwargs: Any
-) -> DatasetArrays:
-    """Load a dataset by name.
+) -> Dataset:
+    """Open a dataset by name: the one entry point of :mod:`mixq.data`.
 
     Args:
         name: One of ``DATASETS`` (case-insensitive).
-        data_dir: Data directory (only ``cifar10`` uses it; falls back to ``$MIXQ_DATA``).
-        **kwargs: Passed to the loader (e.g. ``download=True``, ``verify_md5=False`` for
-            CIFAR-10; ``n_train=`` for synthetic).
+        data_dir: Data directory (``cifar10`` and the streaming datasets; falls back to
+            ``$MIXQ_DATA``; the others ignore it).
+        **kwargs: Passed to the opener (e.g. ``download=True``, ``verify_md5=False`` for
+            CIFAR-10; ``n_train=`` for synthetic; ``image_size=`` for the streaming ones).
 
     Returns:
-        The dataset as ``DatasetArrays``.
+        The dataset: :class:`DatasetArrays`, or a streaming dataset with the same protocol.
 
     Raises:
         ValueError: For an unknown name (lists the valid ones and a close match).

@@ -40,13 +40,14 @@ from mixq.data.imagefolder import (
     DeviceLoader,
     centre_crop_transform,
     default_resize,
-    open_imagefolder,
     scan_imagefolder,
 )
 from mixq.data.loader import epoch_generator
+from mixq.data.protocol import LoaderSpec
+from mixq.data.sharding import GlobalBatchSampler, eval_batches
+from mixq.progress import progress_bar
 
 __all__ = [
-    "STREAMING_DATASETS",
     "ShardData",
     "open_shards",
     "prepare_shards",
@@ -128,8 +129,6 @@ def prepare_shards(
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
-    from mixq.train_setup import progress_bar
-
     return progress_bar(total, desc, enabled)
 
 
@@ -291,15 +290,13 @@ class ShardData:
         """``(3, S, S)``."""
         return (3, self.index["size"], self.index["size"])
 
-    def loaders(
-        self, *, batch_size: int, eval_batch_size: int, seed: int, device: torch.device,
-        channels_last: bool, rank: int = 0, world: int = 1, workers: int = 0,
-        augment: bool = True, random_resized_crop: bool = True, **_: Any,
-    ) -> tuple[DeviceLoader, DeviceLoader]:  # fmt: skip
+    def loaders(self, spec: LoaderSpec) -> tuple[DeviceLoader, DeviceLoader]:
         """Training loader (rank-sharded global batches) and test loader (this rank's part)."""
-        from mixq.distributed import GlobalBatchSampler, eval_batches
-
-        common = {"device": device, "workers": workers, "channels_last": channels_last}
+        common = {"device": spec.device, "workers": spec.workers,
+                  "channels_last": spec.channels_last}  # fmt: skip
+        batch_size, eval_batch_size, seed = spec.batch_size, spec.eval_batch_size, spec.seed
+        rank, world, augment = spec.rank, spec.world, spec.augment
+        random_resized_crop = spec.random_resized_crop
         r, ix = self.root, self.index
         n, n_val = ix["splits"]["train"]["count"], ix["splits"]["val"]["count"]
         sampler = GlobalBatchSampler(n, batch_size, rank, world, seed)
@@ -330,18 +327,3 @@ def open_shards(root: str | os.PathLike[str], *, image_size: int | None = None) 
         if y.shape[0] and (int(y.min()) < 0 or int(y.max()) >= len(index["classes"])):
             raise DataError(f"{str(root)!r}: {split} labels out of range; prepare it again")
     return ShardData(root, index)
-
-
-def _open_imagefolder(root: Path, d: Any) -> Any:
-    if d.image_size and d.resize_size and d.resize_size < d.image_size:
-        raise DataError(f"data.resize_size={d.resize_size} < data.image_size={d.image_size}")
-    return open_imagefolder(root, image_size=d.image_size, resize_size=d.resize_size)
-
-
-def _open_shards(root: Path, d: Any) -> ShardData:
-    return open_shards(root, image_size=d.image_size)  # resize_size was fixed by the preparation
-
-
-#: Datasets read from a folder while training (too large for memory): name -> opener
-#: ``(root, DataConfig) -> data`` with ``input_shape``, ``num_classes`` and ``loaders(...)``.
-STREAMING_DATASETS = {"imagefolder": _open_imagefolder, "imagenet_shards": _open_shards}

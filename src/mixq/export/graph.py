@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from mixq.export.errors import ExportError, require_onnx
-from mixq.layers import QuantAct, QuantConv2d, QuantLinear
+from mixq.layers import QuantAct, QuantConv2d, QuantLinear, scale_logits
 
 _LEAVES = (QuantConv2d, QuantLinear, QuantAct)
 
@@ -45,13 +45,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def output_scale(model: nn.Module) -> torch.Tensor | None:
-    """The ``logit_scale`` that :func:`mixq.build.add_logit_scale` applies through a forward
+    """The ``logit_scale`` that :func:`mixq.layers.add_logit_scale` applies through a forward
     hook (None without one). Any other hook raises: exporters would silently drop it."""
     scale = None
     for name, m in model.named_modules():
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
         for h in hooks:
-            if m is model and getattr(h, "__name__", "") == "_scale_logits":
+            if m is model and h is scale_logits:
                 scale = model.logit_scale.detach().float().cpu()
                 continue
             raise ExportError(

@@ -21,7 +21,7 @@ The manifest (JSON object) holds:
 * ``input_shape``: per-sample input shape (for the activation sizes), or null;
 * ``folded_bn``: batch-norm modules folded away (the loader replaces them by ``nn.Identity``);
 * ``logit_scale``: true when the model multiplies its output by the stored scalar
-  ``logit_scale`` (:func:`mixq.build.add_logit_scale`);
+  ``logit_scale`` (:func:`mixq.layers.add_logit_scale`);
 * ``activations``: every ``QuantAct`` site: ``module``, ``cap`` (6 for a ReLU6) and
   ``quantizer`` (as below) or null for a float site;
 * ``tensors``: one entry per stored tensor: ``name`` (its ``state_dict`` key), ``shape``,
@@ -61,7 +61,8 @@ from mixq.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from mixq.export.codes import build_quantizer, decode, encode, quantizer_spec
 from mixq.export.errors import ExportError, PackedFormatError
 from mixq.export.graph import output_scale
-from mixq.layers import ACTIVATIONS, QuantAct, QuantConv2d, QuantLinear
+from mixq.layers import ACTIVATIONS, QuantAct, QuantConv2d, QuantLinear, add_logit_scale
+from mixq.models import create_model
 from mixq.quant.base import Quantizer
 
 MAGIC = b"MIXQPACK"
@@ -225,8 +226,6 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
                 "the file has no architecture reference (model.mixq_arch was unset at export): "
                 "pass load_packed(path, model=skeleton)"
             )
-        from mixq.models import create_model
-
         model = create_model(arch["name"], **arch.get("kwargs", {}))
         model.mixq_arch = arch
     return to_float(model)
@@ -278,8 +277,6 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     except (KeyError, TypeError, AttributeError) as e:
         raise PackedFormatError(f"{path}: manifest does not match the model: {e!r}") from None
     if manifest.get("logit_scale") and not hasattr(model, "logit_scale"):
-        from mixq.build import add_logit_scale
-
         add_logit_scale(model)
     _load_state(model, state, path)
     model.mixq_folded_bn = list(manifest.get("folded_bn", []))

@@ -45,9 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint, export it, print sizes (and the BN-folding report)."""
-    from mixq.checkpoint import load_model
     from mixq.cost import float_weight_bits
     from mixq.export import export, format_fold_report
+    from mixq.train.build import load_model
 
     model, _ = load_model(args.checkpoint)
     try:

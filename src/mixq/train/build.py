@@ -1,30 +1,17 @@
-"""Build the model of a :class:`~mixq.run_config.TrainConfig`: create, load the float init,
-quantize, and add the optional logit scale."""
+"""Build the model of a :class:`~mixq.train.config.TrainConfig`: create, load the float init,
+quantize, and add the optional logit scale; rebuild the model of a checkpoint."""
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
+
 from torch import nn
 
-from mixq.checkpoint import load_weights, read_state_dict
 from mixq.convert import quantize_model
+from mixq.layers import add_logit_scale
 from mixq.models import create_model
-from mixq.run_config import TrainConfig
-
-
-def _scale_logits(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output * module.logit_scale
-
-
-def add_logit_scale(model: nn.Module) -> nn.Module:
-    """Register a learnable scalar ``logit_scale`` (init 1) that multiplies the model output.
-
-    The reference code's ``scale_layer`` for pow-2 runs (spec 7.1); it is trained and weight
-    decayed like every parameter.
-    """
-    model.register_parameter("logit_scale", nn.Parameter(torch.ones(())))
-    model.register_forward_hook(_scale_logits)
-    return model
+from mixq.train.checkpoint import load_checkpoint, load_weights, read_state_dict
+from mixq.train.config import TrainConfig
 
 
 def build_model(
@@ -56,3 +43,22 @@ def build_model(
     if cfg.logit_scale:
         add_logit_scale(model)
     return model
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model of a mixq checkpoint (quantized as in its config) with its weights.
+
+    Returns:
+        ``(model, checkpoint)``; the model is in eval mode.
+    """
+    ckpt = load_checkpoint(path, map_location)
+    cfg = TrainConfig.from_data(ckpt["config"])
+    model = build_model(
+        cfg,
+        input_shape=tuple(ckpt.get("input_shape") or ()) or None,
+        num_classes=ckpt.get("num_classes"),
+        load_init=False,
+    )
+    load_weights(model, ckpt["model"], str(path))
+    model.eval()
+    return model, ckpt

@@ -1,7 +1,7 @@
 """Presets: every CIFAR-10 experiment of the paper, named after its table row.
 
 ``PRESETS`` maps a name such as ``cifar10/resnet20/u3-w70kb-amax8kb`` to plain config data
-(a partial :class:`~mixq.run_config.TrainConfig`); ``mixq presets`` lists them and
+(a partial :class:`~mixq.train.config.TrainConfig`); ``mixq presets`` lists them and
 ``mixq presets --show NAME`` prints one as YAML. Names:
 
 * ``float``: the float baseline (lr 0.1, spec 7.1).

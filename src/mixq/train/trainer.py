@@ -8,7 +8,7 @@ the epochs that meet every budget. ``--resume`` restarts from ``last.pt`` exactl
 order and augmentation depend only on (seed, epoch) and the RNG, optimizer and scheduler
 states are restored.
 
-Under ``torchrun`` (see :mod:`mixq.distributed`) the model is wrapped in
+Under ``torchrun`` (see :mod:`mixq.train.ddp`) the model is wrapped in
 ``DistributedDataParallel`` after rank 0's parameters and buffers were broadcast; every rank
 trains on its disjoint part of each global batch, evaluates its part of the test set (sums
 all-reduced), and only rank 0 writes the run directory. Checkpoints hold the unwrapped model's
@@ -30,27 +30,35 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from mixq import distributed as D
-from mixq.build import build_model
-from mixq.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from mixq.config import ConfigError
 from mixq.convert import quantizers
 from mixq.cost import BITS_PER_KIB, Budget, activation_bits, weight_bits
-from mixq.data import TensorLoader
-from mixq.distributed import select_device
-from mixq.qat_step import QuantizerStep
-from mixq.run_config import TrainConfig
-from mixq.train_setup import (
+from mixq.data import Loader
+from mixq.progress import progress_bar
+from mixq.qat import QuantizerStep
+from mixq.report import report
+from mixq.train import ddp as D
+from mixq.train.build import build_model
+from mixq.train.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mixq.train.config import TrainConfig
+from mixq.train.ddp import select_device
+from mixq.train.setup import (
     append_line,
     build_budget,
+    build_loaders,
     build_optimizer,
     build_scheduler,
     load_data,
     log_epoch,
-    progress_bar,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -70,7 +78,7 @@ __all__ = [
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: TensorLoader, ctx: D.DistContext | None = None
+    model: nn.Module, loader: Loader, ctx: D.DistContext | None = None
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy on ``loader``.
 
@@ -149,7 +157,7 @@ class Trainer:
             )
         if cfg.compile:
             self.net = torch.compile(self.net)
-        self.train_loader, self.test_loader = D.build_loaders(cfg, data, self.ctx)
+        self.train_loader, self.test_loader = build_loaders(cfg, data, self.ctx)
         steps = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
@@ -241,7 +249,7 @@ class Trainer:
         if not n or not self.quantizers or not bns:
             return
         if self._recal_loader is None:
-            self._recal_loader = D.build_loaders(self.cfg, self.data, self.ctx)[0]
+            self._recal_loader = build_loaders(self.cfg, self.data, self.ctx)[0]
             self._recal_loader.set_epoch(10**6)  # its own fixed order, apart from training
         momenta = [m.momentum for m in bns]
         for m in bns:
@@ -406,8 +414,6 @@ def fit(
 
 
 def _fit(cfg, run_dir, ctx, resume, data, data_dir, progress) -> dict[str, Any]:
-    import yaml
-
     data = data if data is not None else load_data(cfg, data_dir)
     trainer = Trainer(cfg, run_dir, data, progress=progress, ctx=ctx)
     if trainer.is_main:
@@ -431,8 +437,6 @@ def _fit(cfg, run_dir, ctx, resume, data, data_dir, progress) -> dict[str, Any]:
 
 def write_report(model: nn.Module, budget: Budget, run_dir: Path) -> None:
     """``report.txt``, ``report.json``, ``report.csv`` and ``report.png`` for ``model``."""
-    from mixq.report import report
-
     rep = report(model, budget if budget.active else None)
     atomic_write_bytes(run_dir / "report.txt", rep.to_text().encode())
     atomic_write_bytes(run_dir / "report.json", rep.to_json().encode())

@@ -1,24 +1,18 @@
-"""Data-parallel training under ``torchrun``: process group, rank-sharded loaders, replica checks.
+"""Data-parallel training under ``torchrun``: process group, collectives, replica checks.
 
 ``mixq train`` runs unchanged under ``torchrun --nproc_per_node N``: :func:`setup` reads
 ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``, binds rank ``r`` to ``cuda:LOCAL_RANK`` and joins a
 NCCL (CUDA) or gloo (CPU) process group. Without those variables everything here is a no-op
 and a run is a plain single-process one.
 
-Sharding contract (every loader kind): a *global* batch holds ``batch_size * world`` samples of
-the epoch permutation (drawn from ``(seed, epoch)`` only, identical on every rank) and rank
-``r`` takes the ``r``-th contiguous ``batch_size`` of it, so the ranks see disjoint samples and
-a resumed run sees the same batches as an uninterrupted one. The test set is split into
-``world`` contiguous, disjoint, unpadded parts; accuracy and loss are summed over ranks with
-``all_reduce`` (exact, no sample counted twice).
+How the data is sharded is the loaders' business (:mod:`mixq.data.sharding`); accuracy and
+loss are summed over ranks with ``all_reduce`` (exact, no sample counted twice).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,31 +22,22 @@ from torch import nn
 from mixq.config import ConfigError
 from mixq.convert import quantizer_parameters
 from mixq.cost import Budget
-from mixq.data.arrays import DatasetArrays
-from mixq.data.augment import batch_crop, batch_flip
-from mixq.data.loader import TensorLoader, epoch_generator
-from mixq.run_config import TrainConfig
+from mixq.train.config import TrainConfig
 
 __all__ = [
     "DistContext",
-    "GlobalBatchSampler",
-    "RankTensorLoader",
     "all_reduce_sum",
     "broadcast_buffers",
     "broadcast_module_state",
-    "build_loaders",
     "check_replicas",
     "cleanup",
     "epoch_seed",
-    "eval_batches",
-    "eval_shard",
     "scaled_lr",
     "select_device",
     "setup",
     "wrap_model",
 ]
 
-_PERM_STREAM, _ITEM_SEED_STREAM = 0, 2
 _CPU = torch.device("cpu")
 
 
@@ -260,147 +245,3 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A per-(seed, epoch, rank) seed for the global RNG (dropout) under DDP."""
     state = np.random.SeedSequence([seed % 2**63, epoch, 1000 + rank]).generate_state(2, np.uint32)
     return int(state[0]) << 31 ^ int(state[1])
-
-
-# -- sharding ------------------------------------------------------------------------------------
-
-
-def eval_shard(n: int, rank: int, world: int) -> tuple[int, int]:
-    """``[lo, hi)``: rank ``rank``'s contiguous part of ``n`` samples (sizes differ by <= 1)."""
-    return rank * n // world, (rank + 1) * n // world
-
-
-def eval_batches(n: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's test indices in order, cut into batches of ``batch_size`` (a batch sampler)."""
-    lo, hi = eval_shard(n, rank, world)
-    return [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
-
-
-class GlobalBatchSampler:
-    """A batch sampler (for ``DataLoader(batch_sampler=...)``) that shards every global batch.
-
-    Epoch ``e``'s permutation is drawn from ``(seed, e)`` alone; global batch ``i`` is
-    ``perm[i*B*W : (i+1)*B*W]`` and rank ``r`` yields its ``r``-th ``B`` slice. Incomplete
-    global batches are dropped (every rank takes the same number of steps). With
-    ``item_seeds`` each index comes paired with a per-(seed, epoch, position) integer that
-    seeds that sample's augmentation in a worker process, so augmentation does not depend on
-    worker scheduling either.
-
-    Args:
-        n: dataset size.
-        batch_size: per-rank batch size ``B``.
-        rank: this rank.
-        world: number of ranks ``W``.
-        seed: base seed.
-        item_seeds: yield ``(index, seed)`` pairs instead of indices.
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-        item_seeds: bool = False,
-    ) -> None:  # fmt: skip
-        if n < batch_size * world:
-            raise ValueError(
-                f"{n} training samples are fewer than one global batch ({batch_size} x {world} "
-                "ranks): lower data.batch_size"
-            )
-        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.seed, self.item_seeds, self.epoch = seed, item_seeds, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Produce epoch ``epoch`` next."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world)
-
-    def positions(self, i: int) -> slice:
-        """The epoch positions of this rank's part of global batch ``i``."""
-        start = i * self.batch_size * self.world + self.rank * self.batch_size
-        return slice(start, start + self.batch_size)
-
-    def __iter__(self) -> Iterator[list]:
-        g = epoch_generator(self.seed, self.epoch, _PERM_STREAM)
-        perm = torch.randperm(self.n, generator=g)
-        seeds = None
-        if self.item_seeds:
-            g = epoch_generator(self.seed, self.epoch, _ITEM_SEED_STREAM)
-            seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        for i in range(len(self)):
-            sl = self.positions(i)
-            idx = perm[sl].tolist()
-            yield list(zip(idx, seeds[sl].tolist(), strict=True)) if seeds is not None else idx
-
-
-class RankTensorLoader(TensorLoader):
-    """:class:`~mixq.data.TensorLoader` that yields rank ``rank``'s part of each global batch.
-
-    Permutation and augmentation draws are the single-process loader's (from ``(seed,
-    epoch)``), so the union of the ranks' batches is the global batch of a
-    ``batch_size * world`` loader. Incomplete global batches are dropped.
-    """
-
-    def __init__(self, *args, rank: int, world: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.rank, self.world = int(rank), int(world)
-        if self.num_samples < self.batch_size * self.world:
-            raise ValueError(
-                f"{self.num_samples} samples are fewer than one global batch "
-                f"({self.batch_size} x {self.world} ranks): lower data.batch_size"
-            )
-
-    def __len__(self) -> int:
-        return self.num_samples // (self.batch_size * self.world)
-
-    def _batches(self, p: dict[str, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        b, gb = self.batch_size, self.batch_size * self.world
-        for i in range(len(self)):
-            sl = slice(i * gb + self.rank * b, i * gb + (self.rank + 1) * b)
-            idx = p["perm"][sl] if "perm" in p else torch.arange(sl.start, sl.stop)
-            xb, yb = self.x[idx.to(self.device)], self.y[idx.to(self.device)]
-            if "dy" in p:
-                xb = batch_crop(xb, p["dy"][sl], p["dx"][sl], self.crop_pad)
-                if self.flip:
-                    xb = batch_flip(xb, p["flip"][sl])
-            yield self._prepare(xb), yb
-
-
-def build_loaders(cfg: TrainConfig, data: Any, ctx: DistContext) -> tuple[Any, Any]:
-    """The training and test loaders of ``data`` for this rank.
-
-    ``data`` is a :class:`~mixq.data.DatasetArrays` (device-resident :class:`TensorLoader`;
-    :class:`RankTensorLoader` under DDP) or a streaming dataset (``imagefolder``,
-    ``imagenet_shards``) with a ``loaders(...)`` method. Training loaders drop incomplete
-    (global) batches; test loaders cover this rank's :func:`eval_shard`.
-    """
-    d = cfg.data
-    common = {"device": ctx.device, "channels_last": cfg.channels_last, "seed": cfg.seed}
-    if not isinstance(data, DatasetArrays):
-        return data.loaders(
-            batch_size=d.batch_size,
-            eval_batch_size=d.eval_batch_size,
-            rank=ctx.rank,
-            world=ctx.world_size,
-            workers=d.workers,
-            augment=d.augment,
-            random_resized_crop=d.random_resized_crop,
-            **common,
-        )
-    augment = d.augment and data.input_shape[-1] >= 16
-    args = (data.x_train, data.y_train, d.batch_size)
-    kw = {
-        "train": True,
-        "augment": augment,
-        "drop_last": True,
-        "flip_mode": d.flip,
-        "crop_pad": d.crop_pad,
-        **common,
-    }
-    if not ctx.enabled:
-        train = TensorLoader(*args, **kw)
-        xt, yt = data.x_test, data.y_test
-        return train, TensorLoader(xt, yt, d.eval_batch_size, train=False, **common)
-    train = RankTensorLoader(*args, rank=ctx.rank, world=ctx.world_size, **kw)
-    lo, hi = eval_shard(data.y_test.shape[0], ctx.rank, ctx.world_size)
-    xt, yt = data.x_test[lo:hi], data.y_test[lo:hi]
-    return train, TensorLoader(xt, yt, d.eval_batch_size, train=False, **common)

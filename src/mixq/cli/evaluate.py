@@ -19,10 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print accuracy, loss, memory and budget status."""
-    from mixq.checkpoint import load_model
-    from mixq.distributed import DistContext, build_loaders
-    from mixq.run_config import TrainConfig
-    from mixq.train import build_budget, evaluate, load_data, memory_stats, select_device
+    from mixq.train.build import load_model
+    from mixq.train.config import TrainConfig
+    from mixq.train.ddp import DistContext, select_device
+    from mixq.train.setup import build_budget, build_loaders, load_data
+    from mixq.train.trainer import evaluate, memory_stats
 
     model, ckpt = load_model(args.checkpoint)
     cfg = TrainConfig.from_data(ckpt["config"])

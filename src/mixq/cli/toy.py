@@ -1,6 +1,6 @@
 """``mixq toy``: the paper's Fig. 3 experiment (quantizers fitted to N(0,1) samples).
 
-See :mod:`mixq.toy` for the loss, the optimizer and the oscillation measure.
+See :mod:`mixq.experiments.toy` for the loss, the optimizer and the oscillation measure.
 """
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixq.toy import DEFAULT_LR, DEFAULT_SAMPLES, DEFAULT_STEPS, format_table, plot_curves, run_toy
+from mixq.experiments.toy import (
+    DEFAULT_LR,
+    DEFAULT_SAMPLES,
+    DEFAULT_STEPS,
+    format_table,
+    plot_curves,
+    run_toy,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

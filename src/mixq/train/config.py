@@ -1,6 +1,6 @@
 """The training configuration: frozen dataclasses, validated on construction.
 
-Loaded from YAML (``TrainConfig.load``) or a preset (``mixq.presets``), edited with dotted
+Loaded from YAML (``TrainConfig.load``) or a preset (``mixq.train.presets``), edited with dotted
 ``--set key=value`` overrides, and dumped resolved into the run directory.
 """
 
@@ -19,6 +19,7 @@ from mixq.config import (
     to_dict,
 )
 from mixq.cost import parse_size
+from mixq.data.registry import STREAMING_DATASETS
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,6 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 8:
                 raise ConfigError(f"data.{name}={value} must be >= 8 (or null)")
-        from mixq.data.shards import STREAMING_DATASETS
-
         if self.flip != "random" and self.name in STREAMING_DATASETS:
             raise ConfigError(
                 f"data.flip={self.flip!r} works only with in-memory datasets (cifar10, digits, "
@@ -189,7 +188,7 @@ class TrainConfig:
         sync_bn: under ``torchrun``, batch-norm statistics over the global batch
             (``nn.SyncBatchNorm``; CUDA/NCCL only, PyTorch has no CPU implementation).
         compile: ``torch.compile`` the training forward/backward, the memory penalty and the
-            quantizer updates (``mixq.qat_step``). On a GPU this fuses the many tiny per-quantizer
+            quantizer updates (``mixq.qat``). On a GPU this fuses the many tiny per-quantizer
             operations into a few kernels; the first steps compile (tens of seconds). Evaluation
             and checkpoints use the uncompiled model.
         eval_only: no training: evaluate the built model (e.g. a float ``init``) once and

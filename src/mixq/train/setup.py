@@ -1,6 +1,7 @@
 """Building blocks of a training run: data, budget, optimizer, schedule, RNG state, logging.
 
-Kept apart from the loop in :mod:`mixq.train` so that the loop stays readable in one sitting.
+Kept apart from the loop in :mod:`mixq.train.trainer` so that the loop stays readable in one
+sitting.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import nn
 
 from mixq.convert import quantizer_parameters
 from mixq.cost import Budget, scaled_lambda
-from mixq.data import get_dataset, resolve_data_dir
-from mixq.data.shards import STREAMING_DATASETS
-from mixq.run_config import TrainConfig
+from mixq.data import LoaderSpec, get_dataset
+from mixq.train.config import TrainConfig
+from mixq.train.ddp import DistContext
 
 
 def seed_everything(seed: int) -> None:
@@ -28,25 +29,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Dataset name -> the options of :func:`mixq.data.get_dataset` taken from a config.
+_DATASET_OPTIONS: dict[str, Any] = {
+    "cifar10": lambda c: {"download": c.data.download},
+    "synthetic": lambda c: {
+        "n_train": c.data.synthetic_train, "n_test": c.data.synthetic_test, "seed": c.seed
+    },
+    "imagefolder": lambda c: {"image_size": c.data.image_size, "resize_size": c.data.resize_size},
+    "imagenet_shards": lambda c: {"image_size": c.data.image_size},
+}
+
+
 def load_data(cfg: TrainConfig, data_dir: str | None = None) -> Any:
-    """The dataset of ``cfg.data`` (the CLI's ``--data-dir`` wins over the config): a
-    :class:`~mixq.data.DatasetArrays`, or for ``imagefolder`` / ``imagenet_shards`` a streaming
-    dataset (``mixq.data.imagefolder`` / ``mixq.data.shards``) read from the folder."""
-    name = cfg.data.name
-    if name in STREAMING_DATASETS:
-        return STREAMING_DATASETS[name](resolve_data_dir(data_dir, cfg.data.dir), cfg.data)
-    if name == "cifar10":
-        root = resolve_data_dir(data_dir, cfg.data.dir)
-        return get_dataset(name, root, download=cfg.data.download)
-    if name == "synthetic":
-        return get_dataset(
-            name,
-            None,
-            n_train=cfg.data.synthetic_train,
-            n_test=cfg.data.synthetic_test,
-            seed=cfg.seed,
-        )
-    return get_dataset(name, None)
+    """The dataset of ``cfg.data`` (:func:`mixq.data.get_dataset`; the CLI's ``--data-dir``
+    wins over ``data.dir``, then ``$MIXQ_DATA``)."""
+    options = _DATASET_OPTIONS.get(cfg.data.name, lambda c: {})(cfg)
+    return get_dataset(cfg.data.name, data_dir or cfg.data.dir, **options)
+
+
+def build_loaders(cfg: TrainConfig, data: Any, ctx: DistContext) -> tuple[Any, Any]:
+    """This rank's training and test loaders of ``data`` (:mod:`mixq.data.protocol`)."""
+    d = cfg.data
+    spec = LoaderSpec(
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        seed=cfg.seed,
+        device=ctx.device,
+        channels_last=cfg.channels_last,
+        rank=ctx.rank,
+        world=ctx.world_size,
+        augment=d.augment,
+        flip=d.flip,
+        crop_pad=d.crop_pad,
+        random_resized_crop=d.random_resized_crop,
+        workers=d.workers,
+    )
+    return data.loaders(spec)
 
 
 def build_budget(cfg: TrainConfig, model: nn.Module) -> Budget:
@@ -148,21 +166,3 @@ def log_epoch(m: dict[str, Any], enabled: bool) -> None:
         f"budget {'met' if m['budget_met'] else 'NOT met'}  {m['images_per_s']:.0f} img/s",
         flush=True,
     )
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)

@@ -17,10 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report in the chosen format."""
-    from mixq.checkpoint import load_model
     from mixq.report import report
-    from mixq.run_config import TrainConfig
-    from mixq.train import build_budget
+    from mixq.train.build import load_model
+    from mixq.train.config import TrainConfig
+    from mixq.train.trainer import build_budget
 
     model, ckpt = load_model(args.checkpoint)
     budget = build_budget(TrainConfig.from_data(ckpt["config"]), model)

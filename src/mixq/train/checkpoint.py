@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and model rebuilding.
+"""Checkpoints: atomic writes and safe loads (``weights_only=True``); rebuilding a model from
+one is :func:`mixq.train.build.load_model`.
 
 A mixq checkpoint is a ``torch.save`` dict holding only tensors and plain data::
 
@@ -126,25 +127,3 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
             + ". Check the model name and num_classes in the config."
         )
     model.load_state_dict(state)
-
-
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model of a mixq checkpoint (quantized as in its config) with its weights.
-
-    Returns:
-        ``(model, checkpoint)``; the model is in eval mode.
-    """
-    from mixq.build import build_model
-    from mixq.run_config import TrainConfig
-
-    ckpt = load_checkpoint(path, map_location)
-    cfg = TrainConfig.from_data(ckpt["config"])
-    model = build_model(
-        cfg,
-        input_shape=tuple(ckpt.get("input_shape") or ()) or None,
-        num_classes=ckpt.get("num_classes"),
-        load_init=False,
-    )
-    load_weights(model, ckpt["model"], str(path))
-    model.eval()
-    return model, ckpt

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from mixq.config import ConfigError, load_yaml
-from mixq.presets import DEFAULT_PRESET, FLOAT_INIT, get_preset
-from mixq.run_config import TrainConfig
+from mixq.train.config import TrainConfig
+from mixq.train.presets import DEFAULT_PRESET, FLOAT_INIT, get_preset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -101,7 +101,7 @@ def header(cfg: TrainConfig, name: str, args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print the final report."""
-    from mixq.train import fit
+    from mixq.train.trainer import fit
 
     cfg, name = resolve_config(args)
     if args.run_dir:

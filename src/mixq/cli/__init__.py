@@ -1,6 +1,6 @@
 """The ``mixq`` command line: ``mixq <command> [options]``.
 
-Each command lives in its own module under ``mixq.commands`` and exposes
+Each command lives in its own module of this package and exposes
 ``add_parser(subparsers)`` (which registers its options and sets ``func``) and nothing else.
 This file only dispatches; it holds no logic.
 """
@@ -11,13 +11,13 @@ import argparse
 import importlib
 import sys
 
-#: Command name -> module under ``mixq.commands``. Imported lazily so that ``mixq --help``
+#: Command name -> module of ``mixq.cli``. Imported lazily so that ``mixq --help``
 #: stays fast and optional extras are only needed by the commands that use them.
 COMMANDS: dict[str, str] = {
     "train": "train",
     "eval": "evaluate",
-    "report": "report_cmd",
-    "presets": "presets_cmd",
+    "report": "report",
+    "presets": "presets",
     "export": "export",
     "toy": "toy",
     "prepare-imagenet": "prepare_imagenet",
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for module in COMMANDS.values():
-        importlib.import_module(f"mixq.commands.{module}").add_parser(sub)
+        importlib.import_module(f"mixq.cli.{module}").add_parser(sub)
     return parser
 
 
@@ -47,7 +47,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mixq {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the list or one preset."""
     import yaml
 
-    from mixq.presets import PRESETS, get_preset
+    from mixq.train.presets import PRESETS, get_preset
 
     if args.show:
         print(yaml.safe_dump(get_preset(args.show), sort_keys=False), end="")

@@ -1,1 +1,0 @@
-"""One module per ``mixq`` sub-command (see ``mixq.cli``)."""
