@@ -24,7 +24,7 @@ Variants:
   the GPU paths side by side. The compilation happens during the warm-up steps.
 * ``*-compile`` (``float-compile``, ``mixq-wa-compile``, ``mixq-p2-compile``): the whole step
   compiled, as ``compile: true`` in a training config: ``torch.compile`` of the model and of
-  the penalty and the quantizer updates (``mixq.qat.QuantizerStep``).
+  the penalty and the quantizer updates (``mixq.qat.QATStep``).
 * ``*-ema`` (``float-ema``, ``mixq-wa-ema``): the same plus the moving average of
   ``optim.ema_decay`` (``AveragedModel.update_parameters`` after every step).
 * ``lsq``: ``torch._fake_quantize_learnable_per_tensor_affine`` at 4 bits on the same tensors
@@ -58,7 +58,7 @@ from mixq.config import QuantConfig, SiteConfig
 from mixq.convert import quantize_model, quantizers
 from mixq.cost import Budget
 from mixq.models import resnet20
-from mixq.qat import QuantizerStep
+from mixq.qat import QATStep
 from mixq.quant import kernels
 
 # -- LSQ baseline ------------------------------------------------------------------------------
@@ -167,8 +167,7 @@ class Variant:
         )
         self.quantizers = [q for _, q in quantizers(self.model)]
         budget = self.penalty or Budget()
-        self.qstep = QuantizerStep(self.model, self.quantizers, budget, clip=budget.active,
-                                   compile=self.compile)  # fmt: skip
+        self.qat = QATStep(self.model, self.opt, budget, compile=self.compile)
         self.forward = torch.compile(self.model) if self.compile else self.model
         self.averaged = None
         if self.ema:
@@ -182,14 +181,7 @@ class Variant:
         """One training step (see the module docstring)."""
         ctx = kernels.use(self.kernel) if self.kernel else nullcontext()
         with ctx:
-            self.opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.forward(x), y)
-            if self.qstep.budget.active:
-                loss = loss + self.qstep.penalty(loss)
-            loss.backward()
-            self.qstep.before_optimizer_step()
-            self.opt.step()
-            self.qstep.after_optimizer_step()
+            self.qat(F.cross_entropy(self.forward(x), y))
             if self.averaged is not None:
                 self.averaged.update_parameters(self.model)
 

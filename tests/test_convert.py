@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixq.config import ConfigError, LayerOverride, QuantConfig, SiteConfig
-from mixq.convert import param_groups, quantize_model, quantizer_parameters, quantizers, to_float
+from mixq.convert import quantize_model, quantizer_parameters, quantizers, to_float
 from mixq.cost import activation_bits, weight_bits
 from mixq.layers import QuantAct, QuantConv2d, QuantLinear
 from mixq.models import mobilenet_v2, resnet20
@@ -71,19 +71,6 @@ def test_resnet20_has_40_quantizers(r20):
     assert [n for n in names if n.endswith("bias_quantizer")] == ["fc.bias_quantizer"]
     assert sum(isinstance(m, QuantAct) for m in r20.modules()) == 19
     assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU) for m in r20.modules())
-
-
-def test_param_groups_split(r20):
-    groups = param_groups(r20, lr=0.5, weight_decay=0.0)
-    assert [g["name"] for g in groups] == ["weights", "quantizers"]
-    w_ids = {id(p) for p in groups[0]["params"]}
-    q_ids = {id(p) for p in groups[1]["params"]}
-    assert len(q_ids) == 80 and not w_ids & q_ids
-    assert w_ids | q_ids == {id(p) for p in r20.parameters()}
-    assert q_ids == {id(p) for p in quantizer_parameters(r20)}
-    assert (groups[1]["lr"], groups[1]["weight_decay"]) == (0.5, 0.0)
-    assert "lr" not in groups[0]
-    assert id(r20.conv1.weight) in w_ids and id(r20.bn1.weight) in w_ids
 
 
 def test_parameters_are_shared_not_copied():

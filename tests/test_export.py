@@ -363,7 +363,6 @@ def test_onnx_errors(r20_mixed, tmp_path, monkeypatch):
 @needs_onnx
 def test_cli_export(tmp_path, capsys):
     from mixq.cli import export as export_cmd
-
     from mixq.train.build import build_model
     from mixq.train.checkpoint import save_checkpoint
     from mixq.train.config import TrainConfig

@@ -1,4 +1,4 @@
-"""``mixq.qat.QuantizerStep``: the quantizer side of a step (docs/method.md 3.6, 1.5)."""
+"""``mixq.qat``: the QAT recipe's step and parameter groups (docs/method.md 3.6, 1.5)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 from mixq import quantize_model
 from mixq.convert import quantizers
 from mixq.cost import Budget
-from mixq.qat import QuantizerStep
+from mixq.qat import QATStep, param_groups
 from mixq.quant import Pow2Quantizer, UniformQuantizer
 
 
@@ -35,7 +35,8 @@ def test_decay_then_clip_then_projection(compile):
     u, p, grads = _setup()
     wd = 0.1
     model = nn.ModuleList([u, p])
-    step = QuantizerStep(model, [u, p], Budget(), weight_decay=wd, clip=True, compile=compile)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = QATStep(model, opt, Budget(), weight_decay=wd, clip=True, compile=compile)
     step.before_optimizer_step()
     for (q, name), g in grads.items():
         theta = float(getattr(q, name).detach())
@@ -58,11 +59,65 @@ def test_penalty_is_the_budget_penalty_and_zero_without_budget():
     model = quantize_model(
         nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU()), example_input=torch.randn(1, 2, 4, 4)
     )
-    qs = [q for _, q in quantizers(model)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     budget = Budget.parse(weight="1B")
-    step = QuantizerStep(model, qs, budget)
+    step = QATStep(model, opt, budget)
     like = torch.zeros(())
     assert torch.equal(step.penalty(like), budget.penalty(model))
     assert float(step.penalty(like)) > 0
-    off = QuantizerStep(model, qs, Budget())
+    assert step.clip and not QATStep(model, opt).clip  # clip exactly when a budget is set
+    off = QATStep(model, opt, Budget())
     assert float(off.penalty(like)) == 0.0
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    return quantize_model(net, example_input=torch.randn(2, 2, 6, 6))
+
+
+def test_step_is_the_recipe_written_out():
+    """QATStep(loss) == penalty, backward, decay, clip, SGD step, projection by hand."""
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,))
+    budget, wd = Budget.parse(weight="40B"), 2e-4
+    a, b = _tiny(), _tiny()
+    opt_a = torch.optim.SGD(param_groups(a, wd), lr=0.05, momentum=0.9)
+    opt_b = torch.optim.SGD(param_groups(b, wd), lr=0.05, momentum=0.9)
+    step = QATStep(a, opt_a, budget, weight_decay=wd)
+    for _ in range(3):
+        loss_a, pen_a = step(nn.functional.cross_entropy(a(x), y))
+        loss = nn.functional.cross_entropy(b(x), y)
+        pen = budget.penalty(b)
+        opt_b.zero_grad()
+        (loss + pen).backward()
+        for _, q in quantizers(b):
+            for p in q.parameters():
+                p.grad += wd * p.detach()
+            q.clip_grad_()
+        opt_b.step()
+        for _, q in quantizers(b):
+            q.constrain_()
+        assert torch.equal(loss_a, loss.detach()) and torch.equal(pen_a, pen.detach())
+    assert float(pen_a) > 0
+    for (n, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), n
+
+
+@pytest.mark.parametrize("decay_norm_and_bias", [True, False])
+def test_param_groups(decay_norm_and_bias):
+    model = _tiny()
+    groups = param_groups(model, 0.1, decay_norm_and_bias)
+    names = [g["name"] for g in groups]
+    assert names[-1] == "quantizers" and groups[-1]["weight_decay"] == 0.0
+    q_ids = {id(p) for p in groups[-1]["params"]}
+    assert q_ids == {id(p) for _, q in quantizers(model) for p in q.parameters()}
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(all_ids) == sorted(id(p) for p in model.parameters())  # each exactly once
+    if decay_norm_and_bias:
+        assert names == ["weights", "quantizers"] and groups[0]["weight_decay"] == 0.1
+    else:
+        assert names == ["weights", "norms_and_biases", "quantizers"]
+        assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
+        assert all(p.ndim <= 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0

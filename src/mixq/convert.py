@@ -205,26 +205,10 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, q in quantizers(model) for p in q.parameters() if p.requires_grad]
 
 
-def param_groups(model: nn.Module, **quantizer_options: float) -> list[dict]:
-    """Optimizer groups: ``{"name": "weights"}`` (model) and ``{"name": "quantizers"}``.
-
-    ``quantizer_options`` (e.g. ``lr=...``, ``weight_decay=...``) go into the second group;
-    by default both groups share the optimizer's settings, as the reference code (decision 6).
-    """
-    qp = {id(p) for p in quantizer_parameters(model)}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qp]
-    groups = [{"name": "weights", "params": weights}]
-    qparams = quantizer_parameters(model)
-    if qparams:
-        groups.append({"name": "quantizers", "params": qparams, **quantizer_options})
-    return groups
-
-
 __all__ = [
     "LayerOverride",
     "QuantConfig",
     "SiteConfig",
-    "param_groups",
     "quantize_model",
     "quantizer_parameters",
     "quantizers",

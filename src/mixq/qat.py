@@ -1,53 +1,97 @@
-"""The quantizer parts of one training step (spec 3.6), eager or through ``torch.compile``.
+"""The paper's QAT recipe, one training step (spec 3.6), as the trainer runs it.
 
-Around ``optimizer.step()`` the recipe does, for the quantizer parameters ``theta``:
+:class:`QATStep` does, given the task loss ``L`` of a batch:
 
-1. ``grad_theta += wd * theta`` (weight decay before the clip, reference order);
-2. under a memory budget, ``clip_grad_()``: ``d_qmax``: ``grad <- clip(grad, -d, d)``,
-   ``qmin_qmax``: ``grad <- clip(grad, -q_min, q_min)``;
-3. after the update, ``constrain_()``: the projection of spec 1.5.
+1. ``loss = L + P`` with the memory penalty ``P = sum_j lambda * relu(S_j - S0_j)^2``
+   (Eq. 10, :meth:`mixq.Budget.penalty`; 0 without a budget), then ``loss.backward()``;
+2. for the quantizer parameters ``theta``: ``grad_theta += wd * theta`` (weight decay before
+   the clip, the reference order), then under a budget ``clip_grad_()``: ``d_qmax``:
+   ``grad <- clip(grad, -d, d)``, ``qmin_qmax``: ``grad <- clip(grad, -q_min, q_min)``;
+3. ``optimizer.step()`` (the model weights get their weight decay from the optimizer:
+   :func:`param_groups` puts the quantizer parameters in a group without it);
+4. ``constrain_()`` on every quantizer: the projection of spec 1.5.
 
-Each quantizer's parameters are 0-d tensors, so in eager mode these are a few tiny operations
-per quantizer (~40 quantizers in ResNet-20): negligible on a CPU, but each is a kernel launch
-on a GPU. :class:`QuantizerStep` with ``compile=True`` runs 1+2 and 3 each as one
-``torch.compile``d function (a handful of fused kernels for all quantizers), and likewise the
-memory penalty (Eq. 10) through :meth:`QuantizerStep.penalty`.
+Each quantizer's parameters are 0-d tensors, so in eager mode 1, 2 and 4 are a few tiny
+operations per quantizer (~40 quantizers in ResNet-20): negligible on a CPU, but each is a
+kernel launch on a GPU. ``compile=True`` runs the penalty, 2 and 4 each as one
+``torch.compile``d function (a handful of fused kernels for all quantizers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from mixq.convert import quantizer_parameters, quantizers
 from mixq.cost import Budget
 from mixq.quant.base import Quantizer
 
 
-class QuantizerStep:
-    """Penalty, gradient decay/clip and projection for ``quantizers`` of ``model``.
+def param_groups(
+    model: nn.Module, weight_decay: float = 0.0, decay_norm_and_bias: bool = True
+) -> list[dict]:
+    """The optimizer's parameter groups for the recipe (decision 6: one optimizer, one lr).
+
+    ``"weights"``: the model's parameters, decayed by the optimizer with ``weight_decay``;
+    with ``decay_norm_and_bias=False`` those with ``ndim <= 1`` (batch-norm scales and
+    shifts, biases) form a group ``"norms_and_biases"`` without decay (Goyal et al. 2017);
+    ``"quantizers"``: every quantizer's trainable parameters with ``weight_decay=0``, since
+    :class:`QATStep` adds their decay itself, before the gradient clip (spec 3.6).
+    """
+    qp = quantizer_parameters(model)
+    q_ids = {id(p) for p in qp}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in q_ids]
+    if decay_norm_and_bias:
+        groups = [{"name": "weights", "params": weights, "weight_decay": weight_decay}]
+    else:
+        groups = [
+            {"name": "weights", "params": [p for p in weights if p.ndim > 1],
+             "weight_decay": weight_decay},
+            {"name": "norms_and_biases", "params": [p for p in weights if p.ndim <= 1],
+             "weight_decay": 0.0},
+        ]  # fmt: skip
+    if qp:
+        groups.append({"name": "quantizers", "params": qp, "weight_decay": 0.0})
+    return groups
+
+
+class QATStep:
+    """One step of the recipe (module docstring) for a quantized ``model``.
 
     Args:
-        model: the (unwrapped) quantized model, for the penalty.
-        quantizers: its quantizers.
-        budget: the memory budget (its penalty is 0 when inactive).
-        weight_decay: decay added to the quantizer gradients before the clip.
-        clip: clip the quantizer gradients (spec 3.6 step 4).
-        compile: run each part through ``torch.compile``.
+        model: the (unwrapped) quantized model: its quantizers and the penalty's sizes.
+        optimizer: built on :func:`param_groups` (or any groups in which the quantizer
+            parameters get no decay of their own).
+        budget: the memory budget (None or inactive: no penalty).
+        weight_decay: decay added to the quantizer gradients before the clip (the paper:
+            the same as the weights', 2e-4).
+        clip: clip the quantizer gradients (spec 3.6); None: exactly when a budget is set.
+        compile: run the penalty and the quantizer updates through ``torch.compile``.
+
+    Example::
+
+        opt = torch.optim.SGD(mixq.param_groups(model, 2e-4), lr=0.03, momentum=0.9)
+        step = mixq.QATStep(model, opt, mixq.Budget.parse(weight="70KB"), weight_decay=2e-4)
+        for x, y in loader:
+            loss, penalty = step(F.cross_entropy(model(x), y))
     """
 
     def __init__(
         self,
         model: nn.Module,
-        quantizers: Sequence[Quantizer],
-        budget: Budget,
+        optimizer: torch.optim.Optimizer,
+        budget: Budget | None = None,
         weight_decay: float = 0.0,
-        clip: bool = False,
+        clip: bool | None = None,
         compile: bool = False,
     ) -> None:
-        self.model, self.quantizers, self.budget = model, list(quantizers), budget
-        self.weight_decay, self.clip = float(weight_decay), bool(clip)
+        budget = Budget() if budget is None else budget
+        self.model, self.optimizer, self.budget = model, optimizer, budget
+        self.quantizers: list[Quantizer] = [q for _, q in quantizers(model)]
+        self.weight_decay = float(weight_decay)
+        self.clip = budget.active if clip is None else bool(clip)
         self.params = [p for q in self.quantizers for p in q.parameters() if p.requires_grad]
         wrap: Callable = torch.compile if compile else (lambda f: f)
         self._penalty = wrap(self._penalty_eager)
@@ -89,5 +133,15 @@ class QuantizerStep:
         if self.quantizers:
             self._after()
 
+    def __call__(self, loss: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 1-4 for the task loss ``loss``; returns ``(loss, penalty)``, detached."""
+        penalty = self.penalty(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + penalty).backward()
+        self.before_optimizer_step()
+        self.optimizer.step()
+        self.after_optimizer_step()
+        return loss.detach(), penalty.detach()
 
-__all__ = ["QuantizerStep"]
+
+__all__ = ["QATStep", "param_groups"]

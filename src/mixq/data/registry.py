@@ -16,6 +16,7 @@ from typing import Any
 from mixq.data.arrays import DatasetArrays
 from mixq.data.cifar10 import find_cifar10_dir, load_cifar10
 from mixq.data.digits import load_digits_arrays
+from mixq.data.download import download_cifar10
 from mixq.data.errors import DataError
 from mixq.data.imagefolder import open_imagefolder
 from mixq.data.paths import resolve_data_dir
@@ -41,8 +42,6 @@ def _cifar10(
         try:
             find_cifar10_dir(root)
         except DataError:
-            from mixq.data.download import download_cifar10
-
             download_cifar10(root)
     return load_cifar10(root, verify_md5=verify_md5, expected_sizes=expected_sizes)
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixq.convert import quantizer_parameters
 from mixq.cost import Budget, scaled_lambda
 from mixq.data import LoaderSpec, get_dataset
+from mixq.qat import param_groups
 from mixq.train.config import TrainConfig
 from mixq.train.ddp import DistContext
 
@@ -80,25 +80,13 @@ def build_budget(cfg: TrainConfig, model: nn.Module) -> Budget:
 def build_optimizer(
     cfg: TrainConfig, model: nn.Module, lr: float | None = None
 ) -> torch.optim.Optimizer:
-    """One optimizer for all parameters (decision 6). Model weights get weight decay from the
-    optimizer; quantizer parameters get the same decay added explicitly *before* their gradient
-    clipping, as the reference code orders it (spec 3.6). ``lr``: default ``optim.lr``.
-
-    With ``optim.decay_norm_and_bias: false`` the model parameters with ``ndim <= 1``
-    (batch-norm scales and shifts, biases) form a group of their own with no weight decay."""
+    """One optimizer for all parameters (decision 6) on :func:`mixq.qat.param_groups`: model
+    weights get weight decay from the optimizer, quantizer parameters get the same decay from
+    :class:`mixq.qat.QATStep`, before their gradient clip (spec 3.6). ``lr``: default
+    ``optim.lr``."""
     o = cfg.optim
     lr = o.lr if lr is None else lr
-    qp = {id(p) for p in quantizer_parameters(model)}
-    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qp]
-    if o.decay_norm_and_bias:
-        groups = [{"params": weights, "weight_decay": o.weight_decay}]
-    else:
-        groups = [
-            {"params": [p for p in weights if p.ndim > 1], "weight_decay": o.weight_decay},
-            {"params": [p for p in weights if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    if qp:
-        groups.append({"params": quantizer_parameters(model), "weight_decay": 0.0})
+    groups = param_groups(model, o.weight_decay, o.decay_norm_and_bias)
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)

@@ -39,7 +39,7 @@ from mixq.convert import quantizers
 from mixq.cost import BITS_PER_KIB, Budget, activation_bits, weight_bits
 from mixq.data import Loader
 from mixq.progress import progress_bar
-from mixq.qat import QuantizerStep
+from mixq.qat import QATStep
 from mixq.report import report
 from mixq.train import ddp as D
 from mixq.train.build import build_model
@@ -144,10 +144,6 @@ class Trainer:
         clip = cfg.optim.clip_quant_grads
         self.clip_quant_grads = self.budget.active if clip is None else clip
         self.quantizers = [q for _, q in quantizers(self.model)]
-        wd = cfg.optim.weight_decay
-        self.qstep = QuantizerStep(
-            self.model, self.quantizers, self.budget, wd, self.clip_quant_grads, cfg.compile
-        )
         self.ema: AveragedModel | None = None
         if cfg.optim.ema_decay:
             self.ema = AveragedModel(
@@ -163,6 +159,10 @@ class Trainer:
             steps = min(steps, cfg.max_steps_per_epoch)
         self.steps_per_epoch = steps
         self.opt = build_optimizer(cfg, self.model, D.scaled_lr(cfg, self.ctx.world_size))
+        self.qat = QATStep(
+            self.model, self.opt, self.budget, cfg.optim.weight_decay, self.clip_quant_grads,
+            cfg.compile,
+        )
         self.sched = build_scheduler(cfg, self.opt, steps)
         self.epoch = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": None}
@@ -183,16 +183,11 @@ class Trainer:
         """
         out = self.net(x)
         loss = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
-        penalty = self.qstep.penalty(loss)
-        self.opt.zero_grad(set_to_none=True)
-        (loss + penalty).backward()
-        self.qstep.before_optimizer_step()  # weight decay, then the clip (spec 3.6)
-        self.opt.step()
+        loss, penalty = self.qat(loss)  # penalty, backward, decay + clip, update, projection
         self.sched.step()
-        self.qstep.after_optimizer_step()  # projection (spec 1.5)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss.detach(), penalty.detach()
+        return loss, penalty
 
     def train_one_epoch(self) -> dict[str, float]:
         """One epoch; returns mean loss, penalty (over all ranks), train images/s."""
