@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -15,7 +13,7 @@ def _blocks() -> list[str]:
 
 
 def test_library_example_runs(capsys):
-    import sklearn  # noqa: F401  (the example reads scikit-learn's digits: the test extras have it)
+    import sklearn  # noqa: F401  (the example reads the digits; the test extras have it)
     code = _blocks()[0]
     assert "mixq.QATStep" in code and "quantize_model" in code
     namespace: dict = {}
