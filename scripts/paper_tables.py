@@ -74,12 +74,12 @@ def row_state(run_dir: Path) -> str:
 
 
 def train_command(args: argparse.Namespace, row: str, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "mixq.cli", "train", "--preset", preset_name(row, args.schedule)]
-    cmd += ["--run-dir", str(run_dir), "--no-progress"]
+    cmd = [sys.executable, "-m", "mixq.cli", "train", "--run-dir", str(run_dir), "--no-progress"]
     if row_state(run_dir) == "partial":
-        cmd.append("--resume")  # the run's saved config.yaml is used as it is
+        cmd.append("--resume")  # with the run's saved config.yaml, as it is
     else:
-        cmd += ["--init", args.init, *[a for s in args.set for a in ("--set", s)]]
+        cmd += ["--preset", preset_name(row, args.schedule), "--init", args.init]
+        cmd += [a for s in args.set for a in ("--set", s)]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     return cmd

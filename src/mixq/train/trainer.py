@@ -167,6 +167,7 @@ class Trainer:
         self.epoch = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": None}
         self._recal_loader: Any = None
+        self.last_metrics: dict[str, Any] = {}
 
     @property
     def eval_model(self) -> nn.Module:
@@ -335,13 +336,14 @@ class Trainer:
         if not self.ctx.enabled:
             set_rng_state(ckpt["rng"])
         self.epoch, self.best = ckpt["epoch"], ckpt["best"]
+        self.last_metrics = dict(ckpt.get("metrics") or {})
 
     def run(self) -> dict[str, Any]:
         """Train until ``cfg.optim.epochs``; returns the final summary.
 
         With ``cfg.eval_only`` (and nothing done yet) the model is evaluated once, as epoch 0.
         """
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, Any] = self.last_metrics  # a finished run resumed: its last epoch
         if self.cfg.eval_only:
             metrics = self._record({"epoch": 0, "lr": 0.0}, epoch_done=0)
         while not self.cfg.eval_only and self.epoch < self.cfg.optim.epochs:
