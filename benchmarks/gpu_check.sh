@@ -21,5 +21,5 @@ py=${PYTHON:-python3}
     2>&1 | tee "$out/tests.txt"
 "$py" benchmarks/step_time.py --device cuda --rounds 7 --steps 20 --warmup 10 --markdown \
     --count-ops --variants \
-    float,mixq-w,mixq-wa,mixq-p2,mixq-wa-torch,mixq-p2-torch,lsq,float-compile,mixq-wa-compile \
+    float,mixq-w,mixq-wa,mixq-p2,mixq-wa-eager,mixq-p2-eager,lsq,float-compile,mixq-wa-compile \
     2>&1 | tee "$out/step_time.md"

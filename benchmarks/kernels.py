@@ -1,8 +1,8 @@
 """Time each fake-quantization backend alone: forward + backward of one activation tensor.
 
-For every backend of :mod:`mixq.quant.kernels` (``cpu``: the C++/OpenMP kernels; ``compiled``:
-``torch.compile`` of the PyTorch path, i.e. PyTorch's own generated code; ``torch``: the eager
-PyTorch path; ``reference``: the spec op by op), the median time of
+For every backend of :mod:`mixq.quant.kernels` (``cpp``: the C++/OpenMP kernels; ``inductor``:
+``torch.compile`` of the eager path, i.e. PyTorch's own generated code; ``eager``: plain
+PyTorch operations; ``reference``: the spec op by op), the median time of
 ``y = fake_quant(x); y.backward(g)`` on a float32 tensor the size of one ResNet-20
 activation (``[B, 16, 32, 32]``), uniform and power-of-two, interleaved rounds in one
 process::
@@ -21,7 +21,7 @@ import torch
 from mixq.quant import kernels
 from mixq.quant.functional import fake_quant_pow2, fake_quant_uniform
 
-BACKENDS = ("cpu", "compiled", "torch", "reference")
+BACKENDS = ("cpp", "inductor", "eager", "reference")
 
 
 def _ops(x: torch.Tensor) -> dict[str, callable]:
@@ -62,13 +62,13 @@ def main() -> None:
                     times.setdefault((kind, b), []).append((time.perf_counter() - t) / args.reps)
     print(f"fake-quant forward+backward, x = [{args.batch}, 16, 32, 32] float32, "
           f"{args.threads} thread(s), median of {args.rounds} rounds; {kernels.describe()}")
-    print("| backend | uniform ms | vs torch | pow-2 ms | vs torch |")
+    print("| backend | uniform ms | vs eager | pow-2 ms | vs eager |")
     print("|---|---|---|---|---|")
     for b in BACKENDS:
         u = statistics.median(times[("uniform", b)]) * 1e3
         q = statistics.median(times[("pow2", b)]) * 1e3
-        ut = statistics.median(times[("uniform", "torch")]) * 1e3
-        qt = statistics.median(times[("pow2", "torch")]) * 1e3
+        ut = statistics.median(times[("uniform", "eager")]) * 1e3
+        qt = statistics.median(times[("pow2", "eager")]) * 1e3
         print(f"| {b} | {u:.2f} | {u / ut:.2f}x | {q:.2f} | {q / qt:.2f}x |")
 
 

@@ -19,7 +19,7 @@ Variants:
 * ``mixq-p2``: power-of-two ``qmin_qmax`` weights and activations.
 * ``*-ref``: the same with ``MIXQ_KERNEL=reference`` (the implementation before the fast
   paths), selected per step with :func:`mixq.quant.kernels.use`.
-* ``*-torch`` / ``*-compiled``: the same with the eager PyTorch path or its ``torch.compile``
+* ``*-eager`` / ``*-inductor``: the same with the eager PyTorch path or its ``torch.compile``
   version (Triton kernels on CUDA; the default on CUDA when Triton is importable), to compare
   the GPU paths side by side. The compilation happens during the warm-up steps.
 * ``*-compile`` (``float-compile``, ``mixq-wa-compile``, ``mixq-p2-compile``): the whole step
@@ -195,10 +195,13 @@ CONFIGS: dict[str, QuantConfig] = {
     ),
 }
 
-KERNEL_SUFFIXES = {"-ref": "reference", "-torch": "torch", "-compiled": "compiled"}
+KERNEL_SUFFIXES = {"-ref": "reference", "-eager": "eager", "-inductor": "inductor",
+                   "-torch": "eager", "-compiled": "inductor"}  # fmt: skip
+"""Variant suffix -> kernel backend (``-torch`` / ``-compiled``: the earlier names)."""
 ALL = ["float", "mixq-w", "mixq-wa", "mixq-p2", "mixq-w-ref", "mixq-wa-ref", "mixq-p2-ref",
        "lsq", "brevitas"]  # fmt: skip
-EXTRA = [f"{b}{s}" for b in ("mixq-w", "mixq-wa", "mixq-p2") for s in ("-torch", "-compiled")]
+EXTRA = [f"{b}{s}" for b in ("mixq-w", "mixq-wa", "mixq-p2")
+         for s in ("-eager", "-inductor", "-torch", "-compiled")]  # fmt: skip
 EXTRA += ["float-compile", "mixq-wa-compile", "mixq-p2-compile", "float-ema", "mixq-wa-ema"]
 """Also accepted by ``--variants`` (not in the default list)."""
 

@@ -26,14 +26,14 @@ from mixq.quant.functional_reference import (
     fake_quant_uniform_reference,
     round_half_away_reference,
 )
-from mixq.quant.kernels import compiled, cpu
+from mixq.quant.kernels import cpp, inductor
 from mixq.quant.ste import round_half_away
 
-BACKENDS = ["cpu", "torch"]
+BACKENDS = ["cpp", "eager"]
 
 
 def _backend_or_skip(name: str) -> str:
-    if name == "cpu" and not cpu.available():
+    if name == "cpp" and not cpp.available():
         pytest.skip("compiled CPU kernels unavailable (no compiler)")
     return name
 
@@ -225,7 +225,7 @@ def test_other_dtypes_use_torch_path_and_match(dtype):
 
 def test_gradients_only_where_needed():
     """A backward with ``x`` frozen (or scalars frozen) still gives the other gradients."""
-    for backend in ["torch"] + (["cpu"] if cpu.available() else []):
+    for backend in ["eager"] + (["cpp"] if cpp.available() else []):
         with kernels.use(backend):
             x = torch.randn(100)
             d = torch.tensor(0.125, requires_grad=True)
@@ -241,7 +241,7 @@ def test_quantizer_modules_agree_across_backends():
     """The learned quantizers give the same outputs and parameter gradients on every backend."""
     x = torch.randn(8, 16, 9, 9).contiguous(memory_format=torch.channels_last)
     results = {}
-    for backend in ["reference", "torch", "compiled"] + (["cpu"] if cpu.available() else []):
+    for backend in ["reference", "eager", "inductor"] + (["cpp"] if cpp.available() else []):
         with kernels.use(backend):
             torch.manual_seed(0)
             qs = [UniformQuantizer("d_qmax", signed=False), Pow2Quantizer("qmin_qmax", signed=True),
@@ -276,7 +276,7 @@ def test_empty_and_scalar_inputs(backend, shape):
 
 
 def test_channels_last_output_keeps_layout():
-    if not cpu.available():
+    if not cpp.available():
         pytest.skip("compiled CPU kernels unavailable")
     x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     y = fake_quant_uniform(x, torch.tensor(0.25), torch.tensor(1.0), False)
@@ -286,12 +286,12 @@ def test_channels_last_output_keeps_layout():
 
 
 def test_cpu_reductions_are_deterministic():
-    if not cpu.available():
+    if not cpp.available():
         pytest.skip("compiled CPU kernels unavailable")
     x = torch.randn(200_000)
     g = torch.randn(200_000)
     d, h = torch.tensor(0.125), torch.tensor(1.0)
-    r = [cpu.uniform_bwd(x, g, d, h, True, True)[1] for _ in range(3)]
+    r = [cpp.uniform_bwd(x, g, d, h, True, True)[1] for _ in range(3)]
     assert all(torch.equal(r[0], t) for t in r)
 
 
@@ -310,9 +310,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture
 def compiled_mode():
     """``MIXQ_KERNEL=compiled`` for the test; fails the test if compilation fell back."""
-    with kernels.use("compiled"):
+    with kernels.use("inductor"):
         yield
-    assert compiled.failure() is None, compiled.failure()
+    assert inductor.failure() is None, inductor.failure()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -320,7 +320,7 @@ def compiled_mode():
 @pytest.mark.parametrize("layout,n,d_q,x_hi", C_U_CASES)
 def test_compiled_uniform_matches_reference(compiled_mode, device, signed, layout, n, d_q, x_hi):
     x = _layout(_uniform_probe(d_q, x_hi, n), layout).to(device)
-    assert kernels.backend(x, torch.tensor(d_q, device=device)) == "compiled"
+    assert kernels.backend(x, torch.tensor(d_q, device=device)) == "inductor"
     _check_uniform(x, d_q, x_hi, signed)
 
 
@@ -330,7 +330,7 @@ def test_compiled_uniform_matches_reference(compiled_mode, device, signed, layou
 def test_compiled_pow2_matches_reference(compiled_mode, device, signed, with_zero, layout, n,
                                          x_min, x_max):  # fmt: skip
     x = _layout(_pow2_probe(x_min, x_max, n), layout).to(device)
-    assert kernels.backend(x, torch.tensor(x_min, device=device)) == "compiled"
+    assert kernels.backend(x, torch.tensor(x_min, device=device)) == "inductor"
     _check_pow2(x, x_min, x_max, signed, with_zero)
 
 
@@ -354,43 +354,43 @@ def test_compiled_path_falls_back_with_one_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("inductor: no working C++ compiler")
 
-    compiled.reset()
+    inductor.reset()
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     try:
         x = _layout(_uniform_probe(0.125, 0.9, 120), "channels_last")
         s = [torch.tensor(0.125), torch.tensor(0.9)]
-        with kernels.use("compiled"), warnings.catch_warnings(record=True) as w:
+        with kernels.use("inductor"), warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            assert kernels.backend(x, *s) == "compiled"
+            assert kernels.backend(x, *s) == "inductor"
             y = fake_quant_uniform(x, *s, True)
-            assert "no working C++ compiler" in (compiled.failure() or "")
-            assert kernels.backend(x, *s) == "torch"  # disabled for the rest of the process
+            assert "no working C++ compiler" in (inductor.failure() or "")
+            assert kernels.backend(x, *s) == "eager"  # disabled for the rest of the process
             y2 = fake_quant_uniform(x, *s, True)
             assert "disabled: RuntimeError" in kernels.describe()
         assert [str(m.message) for m in w if "compiling" in str(m.message)] == [
             "mixq: compiling the fake-quantization kernels failed (RuntimeError: inductor: no "
-            "working C++ compiler); using the PyTorch kernels (set MIXQ_KERNEL=torch to skip "
+            "working C++ compiler); using the PyTorch kernels (set MIXQ_KERNEL=eager to skip "
             "the attempt)"
         ]
         ref = fake_quant_uniform_reference(x, *s, True)
         assert _same_values(y, ref) and _same_values(y2, ref)
     finally:
-        compiled.reset()
-    assert compiled.failure() is None
+        inductor.reset()
+    assert inductor.failure() is None
 
 
 def test_compiled_mode_needs_triton_for_cuda_tensors(monkeypatch):
     """``auto`` picks the compiled path for CUDA tensors only with Triton; ``compiled`` insists."""
-    monkeypatch.setattr(compiled, "has_triton", lambda: False)
+    monkeypatch.setattr(inductor, "has_triton", lambda: False)
     # backend() only reads .device and .dtype: a stand-in for a CUDA tensor, no GPU needed
     x = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
     with kernels.use("auto"):
-        assert kernels.backend(x) == "torch"
-    with kernels.use("compiled"), pytest.raises(RuntimeError, match="needs Triton"):
+        assert kernels.backend(x) == "eager"
+    with kernels.use("inductor"), pytest.raises(RuntimeError, match="needs Triton"):
         kernels.backend(x)
-    monkeypatch.setattr(compiled, "has_triton", lambda: True)
+    monkeypatch.setattr(inductor, "has_triton", lambda: True)
     with kernels.use("auto"):
-        assert kernels.backend(x) == "compiled"
+        assert kernels.backend(x) == "inductor"
 
 
 # -- pinned semantics ---------------------------------------------------------------------------
@@ -412,14 +412,14 @@ def test_pow2_rounding_threshold_is_the_exact_geometric_mean():
         t = math.sqrt(2.0) * 2.0**k
         below, above = _nextafter(t, 0.0), _nextafter(t, math.inf)
         x = torch.tensor([below, above])
-        for backend in ["reference", "torch"] + (["cpu"] if cpu.available() else []):
+        for backend in ["reference", "eager"] + (["cpp"] if cpp.available() else []):
             with kernels.use(backend):
                 y = fake_quant_pow2(x, torch.tensor(2.0**-30), torch.tensor(2.0**30))
             assert y.tolist() == [2.0**k, 2.0 ** (k + 1)], backend
     x_min = 2.0**-4
     t = x_min / math.sqrt(2.0)
     x = torch.tensor([_nextafter(t, 0.0), _nextafter(t, math.inf)])
-    for backend in ["reference", "torch"] + (["cpu"] if cpu.available() else []):
+    for backend in ["reference", "eager"] + (["cpp"] if cpp.available() else []):
         with kernels.use(backend):
             y = fake_quant_pow2(x, torch.tensor(x_min), torch.tensor(1.0), False, True)
         assert y.tolist() == [0.0, x_min], backend
@@ -432,12 +432,12 @@ def test_mode_selection_and_env_names():
     assert kernels.mode() in kernels.MODES
     with kernels.use("reference"):
         assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "reference"
-    with kernels.use("torch"):
-        assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "torch"
-    with kernels.use("compiled"):
-        assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "compiled"
+    with kernels.use("eager"):
+        assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "eager"
+    with kernels.use("inductor"):
+        assert kernels.backend(torch.zeros(3), torch.tensor(1.0)) == "inductor"
     with kernels.use("auto"):
-        assert kernels.backend(torch.zeros(3, dtype=torch.float64)) == "torch"
+        assert kernels.backend(torch.zeros(3, dtype=torch.float64)) == "eager"
     with pytest.raises(ValueError, match="not one of"):
         kernels.set_mode("fast")
 
@@ -448,71 +448,71 @@ def broken_compiler(monkeypatch, tmp_path):
     monkeypatch.delenv("MIXQ_DISABLE_CPU_KERNEL", raising=False)
     monkeypatch.setenv("CXX", "false")
     monkeypatch.setenv("MIXQ_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu, "_compiler", lambda: "false")
-    cpu.reset()
+    monkeypatch.setattr(cpp, "_compiler", lambda: "false")
+    cpp.reset()
     yield
-    cpu.reset()
+    cpp.reset()
 
 
 def test_fallback_when_the_compiler_fails(broken_compiler):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert not cpu.available()
+        assert not cpp.available()
     assert any("building the CPU kernels failed" in str(m.message) for m in w)
     x = _layout(_uniform_probe(0.125, 0.9, 120), "channels_last")
     with kernels.use("auto"):
-        assert kernels.backend(x, torch.tensor(0.125)) == "torch"
+        assert kernels.backend(x, torch.tensor(0.125)) == "eager"
         _check(
             lambda x, a, b: fake_quant_uniform(x, a, b, False),
             lambda x, a, b: fake_quant_uniform_reference(x, a, b, False),
             x, [torch.tensor(0.125), torch.tensor(0.9)], _uniform_terms(0.125, 0.9, False),
         )  # fmt: skip
-    with kernels.use("cpu"), pytest.raises(RuntimeError, match="unavailable"):
+    with kernels.use("cpp"), pytest.raises(RuntimeError, match="unavailable"):
         fake_quant_uniform(x, torch.tensor(0.125), torch.tensor(0.9))
 
 
 def test_fallback_without_compiler(monkeypatch):
     monkeypatch.delenv("MIXQ_DISABLE_CPU_KERNEL", raising=False)
-    monkeypatch.setattr(cpu, "_compiler", lambda: None)
-    cpu.reset()
+    monkeypatch.setattr(cpp, "_compiler", lambda: None)
+    cpp.reset()
     try:
         with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-            assert cpu.library() is None
+            assert cpp.library() is None
         with kernels.use("auto"):
             x = torch.randn(50)
             y = fake_quant_pow2(x, torch.tensor(0.125), torch.tensor(2.0))
             assert _same_values(y, fake_quant_pow2_reference(x, torch.tensor(0.125),
                                                              torch.tensor(2.0)))  # fmt: skip
     finally:
-        cpu.reset()
+        cpp.reset()
 
 
 def test_compiled_library_is_cached(tmp_path, monkeypatch):
-    if cpu._compiler() is None or os.environ.get("MIXQ_DISABLE_CPU_KERNEL"):
+    if cpp._compiler() is None or os.environ.get("MIXQ_DISABLE_CPU_KERNEL"):
         pytest.skip("no C++ compiler, or the compiled kernels are disabled")
     monkeypatch.setenv("MIXQ_KERNEL_CACHE", str(tmp_path))
-    cpu.reset()
+    cpp.reset()
     try:
-        assert cpu.available()
+        assert cpp.available()
         built = list(tmp_path.glob("mixq_kernels_*.so"))
         assert len(built) == 1
         mtime = built[0].stat().st_mtime_ns
-        cpu.reset()
-        assert cpu.available()
+        cpp.reset()
+        assert cpp.available()
         assert built[0].stat().st_mtime_ns == mtime
     finally:
-        cpu.reset()
+        cpp.reset()
 
 
 def test_portable_single_threaded_build_matches_reference(tmp_path, monkeypatch):
     """The last-resort build (no ``-march=native``, no OpenMP) gives the same results."""
-    if cpu._compiler() is None or os.environ.get("MIXQ_DISABLE_CPU_KERNEL"):
+    if cpp._compiler() is None or os.environ.get("MIXQ_DISABLE_CPU_KERNEL"):
         pytest.skip("no C++ compiler, or the compiled kernels are disabled")
     monkeypatch.setenv("MIXQ_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu, "_VARIANTS", [[]])
-    cpu.reset()
+    monkeypatch.setattr(cpp, "_VARIANTS", [[]])
+    cpp.reset()
     try:
-        with kernels.use("cpu"):
+        with kernels.use("cpp"):
             x = _layout(_uniform_probe(0.125, 0.95, LARGE), "channels_last")
             _check(
                 lambda x, a, b: fake_quant_uniform(x, a, b, True),
@@ -526,4 +526,19 @@ def test_portable_single_threaded_build_matches_reference(tmp_path, monkeypatch)
                 x, [torch.tensor(2.0**-6), torch.tensor(1.0)], _pow2_terms,
             )  # fmt: skip
     finally:
-        cpu.reset()
+        cpp.reset()
+
+
+def test_earlier_backend_names_are_aliases():
+    """``cpu``/``compiled``/``torch`` (the names before ``cpp``/``inductor``/``eager``) still
+    select the same backends; every backend module has the one interface."""
+    for old, new in kernels.ALIASES.items():
+        with kernels.use(old):
+            assert kernels.mode() == new
+    for name in ("cpp", "inductor", "eager"):
+        impl = kernels.implementation(name)
+        assert all(callable(getattr(impl, f)) for f in
+                   ("uniform_fwd", "uniform_bwd", "pow2_fwd", "pow2_bwd"))  # fmt: skip
+        assert isinstance(impl.DENSE, bool)
+    with pytest.raises(ValueError, match="not one of"):
+        kernels.set_mode("gpu")

@@ -24,9 +24,10 @@ Power-of-two (spec 2.2, 3.5), ``a = |x|`` (after ReLU when unsigned), ``s = sign
 parametrizations in ``uniform.py``/``pow2.py`` map raw parameters to them with autograd through
 the STE primitives of ``ste.py``, which yields the per-parametrization gradients of spec 3.2-3.5.
 
-The arithmetic runs in one of the backends of :mod:`mixq.quant.kernels` (compiled CPU kernels,
-``torch.compile`` of the PyTorch path (Triton on CUDA), a pure-PyTorch fast path, or
-``functional_reference``); all give the same forward values (up to
+The arithmetic runs in one of the backends of :mod:`mixq.quant.kernels` (``cpp``: C++/OpenMP
+kernels; ``inductor``: ``torch.compile`` of the ``eager`` path, Triton on CUDA; ``eager``: a
+pure-PyTorch path; ``reference``: ``functional_reference``), each with the same four functions;
+all give the same forward values (up to
 the sign of a zero output) and the same gradients (the two parameter sums up to summation
 order). Select with ``MIXQ_KERNEL`` or :func:`mixq.quant.kernels.use`.
 """
@@ -41,7 +42,6 @@ from mixq.quant.functional_reference import (
     fake_quant_pow2_reference,
     fake_quant_uniform_reference,
 )
-from mixq.quant.kernels import compiled, cpu, torch_path
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def _dense(x: Tensor) -> Tensor:
 
 
 def _like(g: Tensor, x: Tensor) -> Tensor:
-    """``g`` laid out exactly as the dense ``x`` (the compiled kernels index both linearly)."""
+    """``g`` laid out exactly as the dense ``x`` (the dense backends index both linearly)."""
     if g.stride() == x.stride():
         return g
     out = torch.empty_like(x)
@@ -60,23 +60,17 @@ def _like(g: Tensor, x: Tensor) -> Tensor:
     return out
 
 
-def _scalar_grads(sums: Tensor, a: Tensor, b: Tensor, needs: tuple[bool, ...]):
-    ga = sums[0].reshape(a.shape) if needs[1] else None
-    gb = sums[1].reshape(b.shape) if needs[2] else None
-    return ga, gb
+def _needed(grads: tuple, needs: tuple[bool, ...]) -> tuple:
+    """The backend's ``(dL/dx, dL/da, dL/db)`` with None where autograd needs none."""
+    return tuple(g if need else None for g, need in zip(grads, needs[:3], strict=True))
 
 
 class _FakeQuantUniform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, backend: str) -> Tensor:
-        if backend == "cpu":
-            x = _dense(x)
-            y = cpu.uniform_fwd(x, d_q, x_hi, signed)
-        elif backend == "compiled":
-            x = _dense(x)
-            y = compiled.uniform_fwd(x, d_q, x_hi, signed)
-        else:
-            y = torch_path.uniform_fwd(x, d_q, x_hi, signed)
+        impl = kernels.implementation(backend)
+        x = _dense(x) if impl.DENSE else x
+        y = impl.uniform_fwd(x, d_q, x_hi, signed)
         ctx.save_for_backward(x, d_q, x_hi)
         ctx.signed, ctx.backend = signed, backend
         return y
@@ -84,19 +78,10 @@ class _FakeQuantUniform(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, d_q, x_hi = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if ctx.backend == "cpu":
-            gx, sums = cpu.uniform_bwd(x, _like(g, x), d_q, x_hi, ctx.signed, needs[0])
-            g_dq, g_hi = _scalar_grads(sums, d_q, x_hi, needs)
-        else:
-            if ctx.backend == "compiled":
-                args = (x, _like(g, x), d_q, x_hi, ctx.signed, needs[0])
-                gx, g_dq, g_hi = compiled.uniform_bwd(*args)
-            else:
-                gx, g_dq, g_hi = torch_path.uniform_bwd(x, g, d_q, x_hi, ctx.signed, needs[0])
-            g_dq = g_dq if needs[1] else None
-            g_hi = g_hi if needs[2] else None
-        return gx, g_dq, g_hi, None, None
+        impl = kernels.implementation(ctx.backend)
+        g = _like(g, x) if impl.DENSE else g
+        grads = impl.uniform_bwd(x, g, d_q, x_hi, ctx.signed, ctx.needs_input_grad[0])
+        return (*_needed(grads, ctx.needs_input_grad), None, None)
 
 
 def fake_quant_uniform(x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool = True) -> Tensor:
@@ -123,14 +108,9 @@ class _FakeQuantPow2(torch.autograd.Function):
     def forward(
         ctx, x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool, backend: str
     ) -> Tensor:
-        if backend == "cpu":
-            x = _dense(x)
-            y = cpu.pow2_fwd(x, x_min, x_max, signed, with_zero)
-        elif backend == "compiled":
-            x = _dense(x)
-            y = compiled.pow2_fwd(x, x_min, x_max, signed, with_zero)
-        else:
-            y = torch_path.pow2_fwd(x, x_min, x_max, signed, with_zero)
+        impl = kernels.implementation(backend)
+        x = _dense(x) if impl.DENSE else x
+        y = impl.pow2_fwd(x, x_min, x_max, signed, with_zero)
         ctx.save_for_backward(x, x_min, x_max)
         ctx.signed, ctx.with_zero, ctx.backend = signed, with_zero, backend
         return y
@@ -138,18 +118,11 @@ class _FakeQuantPow2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, x_min, x_max = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        args = (x_min, x_max, ctx.signed, ctx.with_zero, needs[0])
-        if ctx.backend == "cpu":
-            gx, sums = cpu.pow2_bwd(x, _like(g, x), *args)
-            g_min, g_max = _scalar_grads(sums, x_min, x_max, needs)
-        elif ctx.backend == "compiled":
-            gx, g_min, g_max = compiled.pow2_bwd(x, _like(g, x), *args)
-        else:
-            gx, g_min, g_max = torch_path.pow2_bwd(x, g, *args)
-            g_min = g_min if needs[1] else None
-            g_max = g_max if needs[2] else None
-        return gx, g_min, g_max, None, None, None
+        impl = kernels.implementation(ctx.backend)
+        g = _like(g, x) if impl.DENSE else g
+        args = (x_min, x_max, ctx.signed, ctx.with_zero, ctx.needs_input_grad[0])
+        grads = impl.pow2_bwd(x, g, *args)
+        return (*_needed(grads, ctx.needs_input_grad), None, None, None)
 
 
 def fake_quant_pow2(

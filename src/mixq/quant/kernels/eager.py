@@ -1,6 +1,7 @@
-"""The pure-PyTorch fast path: the formulas of ``functional_reference.py`` with fewer passes.
+"""The ``eager`` backend: the formulas of ``functional_reference.py`` in fewer PyTorch ops.
 
-Used where the compiled CPU kernels are not (CUDA, dtypes other than float32, no compiler).
+Used where the ``cpp`` kernels are not (CUDA, dtypes other than float32, no compiler) and
+under ``torch.compile`` (traceable).
 Values are bit-identical to the reference (tested); the differences are only in how they are
 computed:
 
@@ -19,6 +20,9 @@ from torch import Tensor
 
 from mixq.quant.functional_reference import INV_SQRT2, pow2_magnitude
 from mixq.quant.ste import round_half_away
+
+#: Works on any layout and dtype.
+DENSE = False
 
 _FLT_MIN = 2.0**-126
 

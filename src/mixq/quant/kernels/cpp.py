@@ -1,4 +1,4 @@
-"""The compiled CPU path: build ``_cpu_source.SOURCE`` once with the C++ compiler, load it with
+"""The ``cpp`` backend: build ``_cpp_source.SOURCE`` once with the C++ compiler, load it with
 ``ctypes`` and call it on the raw buffers of dense float32 tensors.
 
 The library is a plain shared object (no Python or libtorch headers), so the first build takes
@@ -11,7 +11,7 @@ loaded (Linux wheels), so the kernels share torch's thread pool; they use
 ``-fopenmp``, then neither (single-threaded kernels).
 
 If no compiler is found, the build fails or the library does not load, :func:`library`
-returns None (with one warning) and ``functional.py`` uses the pure-PyTorch path.
+returns None (with one warning) and the ``eager`` backend is used instead.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mixq.quant.kernels._cpu_source import SOURCE
+from mixq.quant.kernels._cpp_source import SOURCE
 
 ABI_VERSION = 2
 _FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-Wno-psabi", "-shared", "-fPIC",
@@ -168,6 +168,10 @@ def reset() -> None:
 # -- wrappers: dense float32 CPU tensors only (checked by the caller) ----------------------------
 
 
+#: Inputs must be one dense block of memory (the kernels index ``x`` and ``g`` linearly).
+DENSE = True
+
+
 def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
@@ -182,14 +186,14 @@ def uniform_fwd(x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool) -> Tensor:
 
 def uniform_bwd(
     x: Tensor, g: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, need_x: bool
-) -> tuple[Tensor | None, Tensor]:
-    """``(dL/dx or None, [dL/dd_q, dL/dx_hi])``; ``g`` has the layout of ``x``."""
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(dL/dx or None, dL/dd_q, dL/dx_hi)``; ``g`` has the layout of ``x``."""
     gx = torch.empty_like(x) if need_x else None
     out = torch.empty(2, dtype=torch.float32)
     library().mixq_uniform_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
                                _ptr(d_q), _ptr(x_hi), int(signed), _ptr(out),
                                torch.get_num_threads())  # fmt: skip
-    return gx, out
+    return gx, out[0].reshape(d_q.shape), out[1].reshape(x_hi.shape)
 
 
 def pow2_fwd(x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool) -> Tensor:
@@ -203,11 +207,11 @@ def pow2_fwd(x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: b
 def pow2_bwd(
     x: Tensor, g: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool,
     need_x: bool,
-) -> tuple[Tensor | None, Tensor]:  # fmt: skip
-    """``(dL/dx or None, [sum_R1 g s, sum_R3 g s])``; ``g`` has the layout of ``x``."""
+) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
+    """``(dL/dx or None, sum_R1 g s, sum_R3 g s)``; ``g`` has the layout of ``x``."""
     gx = torch.empty_like(x) if need_x else None
     out = torch.empty(2, dtype=torch.float32)
     library().mixq_pow2_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
                             _ptr(x_min), _ptr(x_max), int(signed), int(with_zero), _ptr(out),
                             torch.get_num_threads())  # fmt: skip
-    return gx, out
+    return gx, out[0].reshape(x_min.shape), out[1].reshape(x_max.shape)

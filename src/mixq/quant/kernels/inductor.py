@@ -1,4 +1,5 @@
-"""The compiled path: the functions of ``torch_path.py`` through ``torch.compile`` (inductor).
+"""The ``inductor`` backend: the ``eager`` functions through ``torch.compile`` (PyTorch's own
+generated code).
 
 On CUDA, inductor turns each function into fused Triton kernels: the forward
 ``y = d_q * round(clip(x, x_lo, x_hi) / d_q)`` becomes one elementwise kernel, and the
@@ -17,7 +18,7 @@ call of each costs a compilation (seconds; cached by inductor on disk).
 
 If compilation fails (no Triton, no C++ compiler, an inductor error), :func:`call` warns once,
 disables this path for the process and runs the eager PyTorch path instead, so that training
-never stops because of it. Select it with ``MIXQ_KERNEL=compiled``; ``auto`` uses it for CUDA
+never stops because of it. Select it with ``MIXQ_KERNEL=inductor``; ``auto`` uses it for CUDA
 tensors when Triton is importable.
 """
 
@@ -31,7 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mixq.quant.kernels import torch_path
+from mixq.quant.kernels import eager
+
+#: Inputs are passed as 1-D views of their memory, so they must be dense.
+DENSE = True
 
 _lock = threading.Lock()
 _compiled: dict[str, Callable[..., Any]] = {}
@@ -41,51 +45,51 @@ _failure: list[str] = []  # the reason compilation was disabled, if it was
 # One top-level function per flag combination: dynamo counts recompilations per code object
 # (limit 8), so that flags, like shapes (dynamic, and flattened to 1-D below), never add up.
 def _uniform_fwd_s(x, d_q, x_hi):
-    return torch_path.uniform_fwd(x, d_q, x_hi, True)
+    return eager.uniform_fwd(x, d_q, x_hi, True)
 
 
 def _uniform_fwd_u(x, d_q, x_hi):
-    return torch_path.uniform_fwd(x, d_q, x_hi, False)
+    return eager.uniform_fwd(x, d_q, x_hi, False)
 
 
 def _uniform_bwd_s(x, g, d_q, x_hi, need_x):
-    return torch_path.uniform_bwd(x, g, d_q, x_hi, True, need_x)
+    return eager.uniform_bwd(x, g, d_q, x_hi, True, need_x)
 
 
 def _uniform_bwd_u(x, g, d_q, x_hi, need_x):
-    return torch_path.uniform_bwd(x, g, d_q, x_hi, False, need_x)
+    return eager.uniform_bwd(x, g, d_q, x_hi, False, need_x)
 
 
 def _pow2_fwd_s(x, x_min, x_max):
-    return torch_path.pow2_fwd(x, x_min, x_max, True, False)
+    return eager.pow2_fwd(x, x_min, x_max, True, False)
 
 
 def _pow2_fwd_sz(x, x_min, x_max):
-    return torch_path.pow2_fwd(x, x_min, x_max, True, True)
+    return eager.pow2_fwd(x, x_min, x_max, True, True)
 
 
 def _pow2_fwd_u(x, x_min, x_max):
-    return torch_path.pow2_fwd(x, x_min, x_max, False, False)
+    return eager.pow2_fwd(x, x_min, x_max, False, False)
 
 
 def _pow2_fwd_uz(x, x_min, x_max):
-    return torch_path.pow2_fwd(x, x_min, x_max, False, True)
+    return eager.pow2_fwd(x, x_min, x_max, False, True)
 
 
 def _pow2_bwd_s(x, g, x_min, x_max, need_x):
-    return torch_path.pow2_bwd(x, g, x_min, x_max, True, False, need_x)
+    return eager.pow2_bwd(x, g, x_min, x_max, True, False, need_x)
 
 
 def _pow2_bwd_sz(x, g, x_min, x_max, need_x):
-    return torch_path.pow2_bwd(x, g, x_min, x_max, True, True, need_x)
+    return eager.pow2_bwd(x, g, x_min, x_max, True, True, need_x)
 
 
 def _pow2_bwd_u(x, g, x_min, x_max, need_x):
-    return torch_path.pow2_bwd(x, g, x_min, x_max, False, False, need_x)
+    return eager.pow2_bwd(x, g, x_min, x_max, False, False, need_x)
 
 
 def _pow2_bwd_uz(x, g, x_min, x_max, need_x):
-    return torch_path.pow2_bwd(x, g, x_min, x_max, False, True, need_x)
+    return eager.pow2_bwd(x, g, x_min, x_max, False, True, need_x)
 
 
 _KERNELS = {f.__name__: f for f in (
@@ -154,7 +158,7 @@ def _run(name: str, eager: Callable[..., Any], *args: Any) -> Any:
                     _failure.append(reason)
             warnings.warn(
                 f"mixq: compiling the fake-quantization kernels failed ({reason}); using the "
-                "PyTorch kernels (set MIXQ_KERNEL=torch to skip the attempt)",
+                "PyTorch kernels (set MIXQ_KERNEL=eager to skip the attempt)",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -176,14 +180,14 @@ def _unflat(y: Tensor, like: Tensor) -> Tensor:
 
 
 def uniform_fwd(x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool) -> Tensor:
-    """``torch_path.uniform_fwd`` compiled; ``x`` dense (contiguous or channels_last)."""
+    """``eager.uniform_fwd`` compiled; ``x`` dense (contiguous or channels_last)."""
     name = "_uniform_fwd_s" if signed else "_uniform_fwd_u"
     return _unflat(_run(name, _KERNELS[name], _flat(x), d_q.detach(), x_hi.detach()), x)
 
 
 def uniform_bwd(x: Tensor, g: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, need_x: bool
                 ) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
-    """``torch_path.uniform_bwd`` compiled; ``x`` dense and ``g`` laid out like it."""
+    """``eager.uniform_bwd`` compiled; ``x`` dense and ``g`` laid out like it."""
     name = "_uniform_bwd_s" if signed else "_uniform_bwd_u"
     gx, g_dq, g_hi = _run(name, _KERNELS[name], _flat(x), _flat(g), d_q.detach(), x_hi.detach(),
                           need_x)  # fmt: skip
@@ -195,14 +199,14 @@ def _pow2_name(kind: str, signed: bool, with_zero: bool) -> str:
 
 
 def pow2_fwd(x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool) -> Tensor:
-    """``torch_path.pow2_fwd`` compiled; ``x`` dense (contiguous or channels_last)."""
+    """``eager.pow2_fwd`` compiled; ``x`` dense (contiguous or channels_last)."""
     name = _pow2_name("fwd", signed, with_zero)
     return _unflat(_run(name, _KERNELS[name], _flat(x), x_min.detach(), x_max.detach()), x)
 
 
 def pow2_bwd(x: Tensor, g: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool,
              need_x: bool) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
-    """``torch_path.pow2_bwd`` compiled; ``x`` dense and ``g`` laid out like it."""
+    """``eager.pow2_bwd`` compiled; ``x`` dense and ``g`` laid out like it."""
     name = _pow2_name("bwd", signed, with_zero)
     gx, g_min, g_max = _run(name, _KERNELS[name], _flat(x), _flat(g), x_min.detach(),
                             x_max.detach(), need_x)  # fmt: skip
