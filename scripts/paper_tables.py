@@ -177,7 +177,9 @@ def write_table(args: argparse.Namespace) -> int:
                 continue
             r = row_result(runs / row)
             if r is None:
-                out.append(f"| {label} (`{row}`) | {paper:.2f}% | not run | | | | | | | |")
+                started = (runs / row / "config.yaml").is_file()
+                what = "started, no epoch finished yet" if started else "not run"
+                out.append(f"| {label} (`{row}`) | {paper:.2f}% | {what} | | | | | | | |")
                 continue
             err = "no epoch met the budget" if r["err"] is None else (
                 f"{r['err']:.2f}% ({r['best_epoch']})"
