@@ -318,6 +318,11 @@ class DeviceLoader:
                 shutdown()
 
 
+def device_loader_options(spec: LoaderSpec) -> dict[str, Any]:
+    """The :class:`DeviceLoader` options that come from ``spec``."""
+    return {"device": spec.device, "workers": spec.workers, "channels_last": spec.channels_last}
+
+
 @dataclass
 class ImageFolderData:
     """An opened image folder: what the trainer needs (``input_shape``, ``num_classes``...)
@@ -345,15 +350,13 @@ class ImageFolderData:
 
     def loaders(self, spec: LoaderSpec) -> tuple[DeviceLoader, DeviceLoader]:
         """Training loader (rank-sharded global batches) and test loader (this rank's part)."""
-        common = {"device": spec.device, "workers": spec.workers,
-                  "channels_last": spec.channels_last}  # fmt: skip
-        batch_size, eval_batch_size, seed = spec.batch_size, spec.eval_batch_size, spec.seed
-        rank, world, augment = spec.rank, spec.world, spec.augment
-        idx = self.index
-        train_ds = ImageFolderDataset(idx.train, self.image_size, True, augment, self.resize_size)
-        val_ds = ImageFolderDataset(idx.val, self.image_size, False, False, self.resize_size)
-        sampler = GlobalBatchSampler(len(idx.train), batch_size, rank, world, seed, True)
-        test = eval_batches(len(idx.val), eval_batch_size, rank, world)
+        common = device_loader_options(spec)
+        idx, size, resize = self.index, self.image_size, self.resize_size
+        train_ds = ImageFolderDataset(idx.train, size, True, spec.augment, resize)
+        val_ds = ImageFolderDataset(idx.val, size, False, False, resize)
+        sampler = GlobalBatchSampler(len(idx.train), spec.batch_size, spec.rank, spec.world,
+                                     spec.seed, True)  # fmt: skip
+        test = eval_batches(len(idx.val), spec.eval_batch_size, spec.rank, spec.world)
         return DeviceLoader(train_ds, sampler, **common), DeviceLoader(val_ds, test, **common)
 
 

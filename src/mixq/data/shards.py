@@ -40,6 +40,7 @@ from mixq.data.imagefolder import (
     DeviceLoader,
     centre_crop_transform,
     default_resize,
+    device_loader_options,
     scan_imagefolder,
 )
 from mixq.data.loader import epoch_generator
@@ -292,22 +293,18 @@ class ShardData:
 
     def loaders(self, spec: LoaderSpec) -> tuple[DeviceLoader, DeviceLoader]:
         """Training loader (rank-sharded global batches) and test loader (this rank's part)."""
-        common = {"device": spec.device, "workers": spec.workers,
-                  "channels_last": spec.channels_last}  # fmt: skip
-        batch_size, eval_batch_size, seed = spec.batch_size, spec.eval_batch_size, spec.seed
-        rank, world, augment = spec.rank, spec.world, spec.augment
-        random_resized_crop = spec.random_resized_crop
+        common = device_loader_options(spec)
         r, ix = self.root, self.index
         n, n_val = ix["splits"]["train"]["count"], ix["splits"]["val"]["count"]
-        sampler = GlobalBatchSampler(n, batch_size, rank, world, seed)
+        sampler = GlobalBatchSampler(n, spec.batch_size, spec.rank, spec.world, spec.seed)
         stored, size = ix["train_size"], ix["size"]
-        aug: Any = _TrainAugment(sampler, n, stored, size, seed, random_resized_crop)
-        if not augment:
+        aug: Any = _TrainAugment(sampler, n, stored, size, spec.seed, spec.random_resized_crop)
+        if not spec.augment:
             aug = partial(_centre, size=size)
         train_ds = ShardBatches(r / "train_x.npy", r / "train_y.npy")
         train = DeviceLoader(train_ds, sampler, whole_batches=True, transform=aug, **common)
         val_ds = ShardBatches(r / "val_x.npy", r / "val_y.npy")
-        test = eval_batches(n_val, eval_batch_size, rank, world)
+        test = eval_batches(n_val, spec.eval_batch_size, spec.rank, spec.world)
         return train, DeviceLoader(val_ds, test, whole_batches=True, **common)
 
 
