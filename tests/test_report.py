@@ -179,7 +179,7 @@ def test_csv_has_header_and_one_row_per_layer_and_site(rep):
     body = rows[1:]
     assert len(body) == 20 + 19 + 2 + 1  # layers, sites, not counted (input, avgpool), peak
     assert [r[1] for r in body] == ([x.name for x in rep.layers] + [a.name for a in rep.activations]
-                                    + ["input", "avgpool", "layer1.0.relu2"])  # fmt: skip
+                                    + ["input", "avgpool", rep.totals.activation_peak_at])  # fmt: skip
     assert [r[0] for r in body[-3:]] == ["uncounted", "uncounted", "peak"]
     assert sum(r[0] == "layer" for r in body) == 20
     by_name = {r[1]: dict(zip(rows[0], r, strict=True)) for r in body}

@@ -160,8 +160,7 @@ def quantize_model(
     example = _example(model, example_input, cfg.input_shape)
     graph = trace(model, example)
     fused = _activation_modules(graph, mode)
-    site_names = ["input" if graph.producer(v) is None else graph.producer(v).name
-                  for v in candidates(graph, mode)]  # fmt: skip
+    site_names = [graph.values[v].name for v in candidates(graph, mode)]
     acts = [n for n, m in model.named_modules() if type(m) in ACTIVATIONS]
     _check_patterns(cfg, [n for n, _ in layers] + acts + list(fused) + site_names,
                     site_names)  # fmt: skip
@@ -210,7 +209,7 @@ def _add_input_quantizers(model: nn.Module, cfg: QuantConfig, graph: Graph,
     for vs, layer_paths in reader_groups(graph, values):
         readers = [model.get_submodule(p) for p in layer_paths]
         readers = [m for m in readers if isinstance(m, QUANTIZED_LAYERS)]  # excluded stay float
-        names = [graph.producer(v).name if graph.producer(v) else "input" for v in vs]
+        names = [graph.values[v].name for v in vs]
         if not readers or any(fnmatch.fnmatchcase(n, p) for n in names for p in cfg.exclude):
             continue
         signed = not all(graph.values[v].nonneg for v in vs)

@@ -169,13 +169,16 @@ def _lifetimes(graph: Graph, stored: set[int]) -> tuple[dict[int, tuple[int, int
     outs = set(graph.outputs)
     eff = [0] * len(graph.ops)
     for op in reversed(graph.ops):
+        # A stored output ends the fused chain here; an unstored one (e.g. the half of a chunk
+        # that only a later cat reads) keeps its inputs alive until its own readers run.
         e = op.index
-        if not any(v in stored for v in op.outputs):
-            for v in op.outputs:
-                if v in outs:
-                    e = end_all
-                for r in graph.values[v].readers:
-                    e = max(e, eff[r])
+        for v in op.outputs:
+            if v in stored:
+                continue
+            if v in outs:
+                e = end_all
+            for r in graph.values[v].readers:
+                e = max(e, eff[r])
         eff[op.index] = e
     life = {}
     for v in stored:
@@ -212,7 +215,7 @@ def build_table(graph: Graph, model: nn.Module, mode: str,
     for v in sorted(cand, key=lambda v: (graph.values[v].producer, v)):
         val = graph.values[v]
         prod = graph.producer(v)
-        name = "input" if prod is None else prod.name
+        name = val.name
         q, at, quantizable = _quantizer_of(graph, model, v)
         counted, note = cand[v], ""
         pattern = _matches(name, uncounted)

@@ -93,6 +93,8 @@ class Value:
         shape: per-sample shape of the tensor as produced.
         nonneg: True when every element is known to be >= 0 for any input.
         readers: indices of the ops that read it, in execution order.
+        name: its producer's name, ``[i]`` appended for the i-th output of a multi-output op
+            (``:chunk[1]``).
     """
 
     index: int
@@ -101,6 +103,7 @@ class Value:
     shape: tuple[int, ...]
     nonneg: bool
     readers: list[int] = field(default_factory=list)
+    name: str = ""
 
 
 @dataclass
@@ -349,6 +352,9 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Graph
         model.train(was_training)
     outputs = rec._inputs(out)
     _unique_names(rec.ops)
+    for op in rec.ops:
+        for i, v in enumerate(op.outputs):
+            rec.values[v].name = op.name if len(op.outputs) == 1 else f"{op.name}[{i}]"
     return Graph(rec.ops, rec.values, outputs, rec.modules)
 
 
