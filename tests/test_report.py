@@ -178,8 +178,8 @@ def test_csv_has_header_and_one_row_per_layer_and_site(rep):
     assert rows[0][:5] == ["section", "name", "type", "quantizer", "bits"]
     body = rows[1:]
     assert len(body) == 20 + 19 + 2 + 1  # layers, sites, not counted (input, avgpool), peak
-    assert [r[1] for r in body] == ([x.name for x in rep.layers] + [a.name for a in rep.activations]
-                                    + ["input", "avgpool", rep.totals.activation_peak_at])  # fmt: skip
+    names = [x.name for x in rep.layers] + [a.name for a in rep.activations]
+    assert [r[1] for r in body] == [*names, "input", "avgpool", rep.totals.activation_peak_at]
     assert [r[0] for r in body[-3:]] == ["uncounted", "uncounted", "peak"]
     assert sum(r[0] == "layer" for r in body) == 20
     by_name = {r[1]: dict(zip(rows[0], r, strict=True)) for r in body}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import SE, SHAPES, Branches, Functional, MLPBlock, Residual, TwoBranch
 
 from mixq.config import ConfigError, LayerOverride, QuantConfig, SiteConfig
 from mixq.convert import quantize_model, quantizers, to_float
@@ -25,6 +24,7 @@ from mixq.layers import QuantOut
 from mixq.models import resnet20
 from mixq.report import report
 from mixq.sites import table_of
+from zoo import SE, SHAPES, Branches, Functional, MLPBlock, Residual, TwoBranch
 
 # name -> (elements per sample, state): "u"/"s" quantized unsigned/signed, "f" float (32 bits),
 # "-" stored but not counted. Sizes by hand from the layer shapes in tests/zoo.py.

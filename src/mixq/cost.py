@@ -226,13 +226,13 @@ class Budget:
     def parse(cls, weight=None, activation_sum=None, activation_max=None, lam=0.1,
               activation_peak=None) -> Budget:  # fmt: skip
         """Build from strings such as ``"70KB"``; raises ``ValueError`` for bad sizes."""
-        w, s, m, p = [None if v in (None, "", 0) else parse_size(v)
-                      for v in (weight, activation_sum, activation_max, activation_peak)]  # fmt: skip
+        given = (weight, activation_sum, activation_max, activation_peak)
+        w, s, m, p = [None if v in (None, "", 0) else parse_size(v) for v in given]
         return cls(w, s, m, lam=float(lam), activation_peak=p)
 
     def _targets(self) -> dict[str, float | None]:
-        return {"weight": self.weight, "activation_sum": self.activation_sum,
-                "activation_max": self.activation_max, "activation_peak": self.activation_peak}  # fmt: skip
+        names = ("weight", "activation_sum", "activation_max", "activation_peak")
+        return {k: getattr(self, k) for k in names}
 
     @property
     def active(self) -> bool:

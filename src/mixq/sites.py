@@ -227,8 +227,10 @@ def build_table(graph: Graph, model: nn.Module, mode: str,
             if isinstance(graph.modules.get(val.producer), (QuantAct, QuantOut)):
                 note = "float: excluded or configured float (QuantConfig.exclude / 'float')"
             elif not quantizable:
-                note = ("float: a functional call that no conv/linear layer reads cannot be "
-                        "quantized; use an nn.Module activation and activation_sites='inputs'")
+                note = (
+                    "float: a functional call that no conv/linear layer reads cannot be "
+                    "quantized; use an nn.Module activation and activation_sites='inputs'"
+                )
             elif mode == "relu":
                 note = "float: activation_sites='relu' quantizes ReLU/ReLU6 outputs only"
             else:
@@ -237,8 +239,9 @@ def build_table(graph: Graph, model: nn.Module, mode: str,
         if v in graph.outputs:
             consumers += ("model output",)
         start, end = life[v]
-        convention = not counted and pattern is None and (
-            prod is None or "pool" in prod.target.lower())
+        convention = (
+            not counted and pattern is None and (prod is None or "pool" in prod.target.lower())
+        )
         sites.append(Site(name, _producer_text(graph, v), consumers, val.numel, val.nonneg,
                           counted, q, at, note, convention, start, end))  # fmt: skip
     counted_sites = [s for s in sites if s.counted]

@@ -245,7 +245,7 @@ class _Recorder(TorchFunctionMode):
             base = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
             if name in ("clamp", "clamp_min", "clip", "clamp_", "clamp_min_"):
                 lo = kwargs.get("min", args[1] if len(args) > 1 else None)
-                nonneg = isinstance(lo, (int, float)) and lo >= 0 or None
+                nonneg = (isinstance(lo, (int, float)) and lo >= 0) or None
             elif name in NONNEG_FUNCTIONS or base in NONNEG_FUNCTIONS:
                 nonneg = True
             elif name in NONNEG_PRESERVING or base in NONNEG_PRESERVING:
