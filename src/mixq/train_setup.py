@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from mixq.convert import quantizer_parameters
-from mixq.cost import Budget, scaled_lambda
+from mixq.cost import Budget, float_sites_warning, scaled_lambda
 from mixq.data import get_dataset, resolve_data_dir
 from mixq.data.shards import STREAMING_DATASETS
 from mixq.run_config import TrainConfig
@@ -53,9 +54,13 @@ def build_budget(cfg: TrainConfig, model: nn.Module) -> Budget:
     """The :class:`Budget` of ``cfg.budget``; lambda scaled by decision 7 when asked."""
     b = cfg.budget
     lam = scaled_lambda(model, b.lam) if b.scale_lambda else b.lam
-    budget = Budget.parse(b.weight, b.activation_sum, b.activation_max, lam)
+    budget = Budget.parse(b.weight, b.activation_sum, b.activation_max, lam,
+                          activation_peak=b.activation_peak)  # fmt: skip
     if budget.active:
         budget.check_feasible(model)
+        msg = float_sites_warning(model, budget)
+        if msg:  # before training: a budget "met" would not bound what the network stores
+            warnings.warn(msg, stacklevel=2)
     return budget
 
 
