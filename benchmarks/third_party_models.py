@@ -178,7 +178,8 @@ def main() -> None:
                     f"{r['quantized']:>4} {r['float']:>4} {r['uncounted']:>4} {r['sum']:>9.2f} "
                     f"{r['max']:>8.2f} {r['peak']:>9.2f} {str(r['peak_at'])[:28]:<28} "
                     f"{'finite' if r['finite'] else 'BAD':<6} "
-                    f"{'exact' if r['exact'] else 'DIFF':<8} {r['t_conv']:>6.2f} {r['t_step']:>6.2f}"
+                    f"{'exact' if r['exact'] else 'DIFF':<8} "
+                    f"{r['t_conv']:>6.2f} {r['t_step']:>6.2f}"
                 )  # fmt: skip
             except Exception as e:  # one table row per model, whatever breaks
                 rows.append(f"{name:<28} {mode:<6} FAILED: {type(e).__name__}: {str(e)[:120]}")
