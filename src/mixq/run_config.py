@@ -219,8 +219,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         has_budget = any(
             v is not None
-            for v in (self.budget.weight, self.budget.activation_sum, self.budget.activation_max,
-                      self.budget.activation_peak)
+            for v in (
+                self.budget.weight,
+                self.budget.activation_sum,
+                self.budget.activation_max,
+                self.budget.activation_peak,
+            )
         )
         if has_budget and self.quant is None:
             raise ConfigError("a memory budget needs a quantized model: set quant (not null)")
