@@ -18,11 +18,13 @@ is excluded (``QuantConfig.exclude``); ``QuantConfig.uncounted`` removes sites f
 model by name. Either way the report lists them.
 
 **Peak memory** (``activation_peak``): the largest sum of the sites *alive at once*, as an
-arena planner sees it. Ops between two stored values are fused (conv, batch norm, add and ReLU
-run as one kernel), so a site is alive from the op that produces it up to the production of the
-last stored value that reads it, directly or through unstored values, or to the end when it
-reaches the model output: ``peak = max_k sum_l alive[k, l] * S_x,l`` over the production steps
-``k`` of stored values. Like (8c) its gradient goes to the first maximal step.
+arena planner sees it. A chain of ops between two stored values is fused (conv, batch norm,
+add and ReLU run as one kernel; a value read once, by the next op, is not stored), so a site is
+alive from the op that produces it up to the production of the last stored value that reads
+it, directly or through fused values, or to the end when it reaches the model output:
+``peak = max_k sum_l alive[k, l] * S_x,l`` over the production steps ``k`` of the sites. Stored
+values that are not sites (a residual stream that only norms and adds read) end lifetimes but
+are not counted. Like (8c) the gradient goes to the first maximal step.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 
 from mixq.layers import QuantAct, QuantOut, input_quantizer
 from mixq.quant.base import Quantizer
-from mixq.trace import Graph
+from mixq.trace import PART_FUNCTIONS, Graph
 
 SITE_MODES = ("relu", "inputs")
 NOT_COUNTED_BY_CONVENTION = (
@@ -210,7 +212,19 @@ def build_table(graph: Graph, model: nn.Module, mode: str,
                 uncounted: tuple[str, ...] = ()) -> SiteTable:  # fmt: skip
     """The :class:`SiteTable` of a converted model from its dry-forward ``graph``."""
     cand = candidates(graph, mode)
-    life, steps = _lifetimes(graph, set(cand))
+    # A tensor that is not read once by the very next op cannot be fused into its reader: it
+    # is stored too (a residual stream, a skip connection), which ends its inputs' lifetimes.
+    # Only sites are counted; these other stored tensors are time boundaries of size 0.
+    # Parts of a tensor (chunk, split, indexing) are views: they keep their input stored.
+    stored = set(cand) | {
+        v.index
+        for v in graph.values
+        if v.readers != [v.producer + 1]
+        and v.index not in cand
+        and graph.ops[v.producer].target not in PART_FUNCTIONS
+    }
+    life, steps = _lifetimes(graph, stored)
+    steps = sorted({life[v][0] for v in cand})
     sites = []
     for v in sorted(cand, key=lambda v: (graph.values[v].producer, v)):
         val = graph.values[v]

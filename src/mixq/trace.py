@@ -71,6 +71,11 @@ NONNEG_PRESERVING_MODULES = (
     nn.ZeroPad2d,
 )  # fmt: skip
 
+#: Ops whose outputs are parts of their input (views): the input stays stored while they are.
+PART_FUNCTIONS = frozenset(
+    {"chunk", "split", "tensor_split", "unbind", "narrow", "__getitem__", "select"}
+)
+
 #: Ops whose output is the same stored tensor as their (first) input: no new value.
 ALIAS_FUNCTIONS = frozenset(
     {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -154,9 +159,12 @@ class Graph:
 
 
 def _is_leaf(m: nn.Module) -> bool:
-    return isinstance(m, (QuantConv2d, QuantLinear, QuantAct, QuantOut)) or not any(
-        True for _ in m.children()
-    )
+    """One op: a layer, a mixq module, or a childless ``torch.nn`` module (BatchNorm2d, ReLU,
+    ...). A user's own childless module (timm's ``GELU``, a LayerScale) is looked into like a
+    container, so that the functional calls in it are seen."""
+    if isinstance(m, (QuantConv2d, QuantLinear, QuantAct, QuantOut, *LAYERS)):
+        return True
+    return type(m).__module__.startswith("torch.") and not any(True for _ in m.children())
 
 
 def _fname(func: Any) -> str:
@@ -358,4 +366,4 @@ def trace(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> Graph
     return Graph(rec.ops, rec.values, outputs, rec.modules)
 
 
-__all__ = ["Graph", "Op", "Value", "trace"]
+__all__ = ["PART_FUNCTIONS", "Graph", "Op", "Value", "trace"]
