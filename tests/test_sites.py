@@ -226,3 +226,13 @@ def test_peak_budget_parse_penalty_and_feasibility():
     with pytest.raises(ValueError, match="impossible activation_peak"):
         Budget.parse(activation_peak="10B").check_feasible(m)  # 1 bit: 100 bits = 12.5 B
     Budget.parse(activation_peak="13B").check_feasible(m)
+
+
+def test_float_sites_say_why():
+    gate = next(s for s in table_of(_convert(SE, "relu")).sites if s.name == "gate")
+    assert gate.note == "float: activation_sites='relu' quantizes ReLU/ReLU6 outputs only"
+    relu = next(s for s in table_of(_convert(Branches, "inputs")).sites if s.name == ":relu")
+    assert relu.note.startswith("float: a functional call that no conv/linear layer reads")
+    m = _convert(SE, "inputs", exclude=("gate",))
+    gate = next(s for s in table_of(m).sites if s.name == "gate")
+    assert gate.quantizer is None and "QuantConfig.exclude" in gate.note

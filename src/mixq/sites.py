@@ -165,8 +165,8 @@ def _producer_text(graph: Graph, v: int) -> str:
     return f"function {op.target} in {op.module or 'the top-level forward'}"
 
 
-def _lifetimes(graph: Graph, stored: set[int]) -> tuple[dict[int, tuple[int, int]], list[int]]:
-    """``{value: (start, end)}`` op steps of the stored values and the production steps."""
+def _lifetimes(graph: Graph, stored: set[int]) -> dict[int, tuple[int, int]]:
+    """``{value: (start, end)}``: the op steps between which each stored value is alive."""
     end_all = len(graph.ops)
     outs = set(graph.outputs)
     eff = [0] * len(graph.ops)
@@ -187,8 +187,20 @@ def _lifetimes(graph: Graph, stored: set[int]) -> tuple[dict[int, tuple[int, int
         val = graph.values[v]
         end = max([eff[r] for r in val.readers], default=val.producer)
         life[v] = (val.producer, end_all if v in outs else max(end, val.producer))
-    steps = sorted({life[v][0] for v in stored})
-    return life, steps
+    return life
+
+
+def _float_note(graph: Graph, v: int, mode: str, quantizable: bool) -> str:
+    """Why counted site ``v`` has no quantizer."""
+    prod = graph.producer(v)
+    if isinstance(graph.modules.get(graph.values[v].producer), (QuantAct, QuantOut)):
+        return "float: excluded or configured float (QuantConfig.exclude / 'float')"
+    if mode == "relu" and not (prod is not None and prod.relu):
+        return "float: activation_sites='relu' quantizes ReLU/ReLU6 outputs only"
+    if not quantizable:
+        return ("float: a functional call that no conv/linear layer reads cannot be quantized; "
+                "use an nn.Module activation (with activation_sites='inputs')")  # fmt: skip
+    return "float: excluded or configured float (QuantConfig.exclude / 'float')"
 
 
 def _quantizer_of(graph: Graph, model: nn.Module, v: int) -> tuple[Quantizer | None, str, bool]:
@@ -223,7 +235,7 @@ def build_table(graph: Graph, model: nn.Module, mode: str,
         and v.index not in cand
         and graph.ops[v.producer].target not in PART_FUNCTIONS
     }
-    life, steps = _lifetimes(graph, stored)
+    life = _lifetimes(graph, stored)
     steps = sorted({life[v][0] for v in cand})
     sites = []
     for v in sorted(cand, key=lambda v: (graph.values[v].producer, v)):
@@ -238,17 +250,7 @@ def build_table(graph: Graph, model: nn.Module, mode: str,
         elif not counted:
             note = NOT_COUNTED_BY_CONVENTION
         elif q is None:
-            if isinstance(graph.modules.get(val.producer), (QuantAct, QuantOut)):
-                note = "float: excluded or configured float (QuantConfig.exclude / 'float')"
-            elif not quantizable:
-                note = (
-                    "float: a functional call that no conv/linear layer reads cannot be "
-                    "quantized; use an nn.Module activation and activation_sites='inputs'"
-                )
-            elif mode == "relu":
-                note = "float: activation_sites='relu' quantizes ReLU/ReLU6 outputs only"
-            else:
-                note = "float: excluded or configured float (QuantConfig.exclude / 'float')"
+            note = _float_note(graph, v, mode, quantizable)
         consumers = tuple(dict.fromkeys(graph.ops[r].name for r in val.readers))
         if v in graph.outputs:
             consumers += ("model output",)
