@@ -236,3 +236,15 @@ def test_float_sites_say_why():
     m = _convert(SE, "inputs", exclude=("gate",))
     gate = next(s for s in table_of(m).sites if s.name == "gate")
     assert gate.quantizer is None and "QuantConfig.exclude" in gate.note
+
+
+def test_run_config_peak_budget_and_the_warning_before_training():
+    from mixq.run_config import BudgetConfig, TrainConfig
+    from mixq.train_setup import build_budget
+
+    cfg = TrainConfig(quant=QuantConfig(), budget=BudgetConfig(activation_peak="2KB"))
+    with pytest.warns(UserWarning, match=r"activation budget: 2 activation site\(s\) stay float"):
+        budget = build_budget(cfg, _convert(SE, "relu"))
+    assert budget.activation_peak == 2048.0
+    with pytest.raises(ConfigError, match=r"budget\.activation_peak"):
+        BudgetConfig(activation_peak="lots")
