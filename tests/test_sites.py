@@ -248,3 +248,21 @@ def test_run_config_peak_budget_and_the_warning_before_training():
     assert budget.activation_peak == 2048.0
     with pytest.raises(ConfigError, match=r"budget\.activation_peak"):
         BudgetConfig(activation_peak="lots")
+
+
+def test_state_dict_round_trip_and_deepcopy_keep_the_sites():
+    """Checkpoints and EMA copies: shared reader quantizers load back, a deep copy's site
+    table points at the copy's own quantizers."""
+    import copy
+
+    a, b = _convert(Branches, "inputs"), _convert(Branches, "inputs")
+    with torch.no_grad():
+        for q in (s.quantizer for s in table_of(a).counted if s.quantizer is not None):
+            q.q_max.mul_(0.5)
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, *SHAPES[Branches])
+    assert torch.equal(a(x), b(x))
+    assert activation_bits(a, "peak").item() == activation_bits(b, "peak").item()
+    c = copy.deepcopy(a)
+    own = {id(q) for _, q in quantizers(c)}
+    assert all(id(s.quantizer) in own for s in table_of(c).counted if s.quantizer is not None)
