@@ -266,3 +266,21 @@ def test_state_dict_round_trip_and_deepcopy_keep_the_sites():
     c = copy.deepcopy(a)
     own = {id(q) for _, q in quantizers(c)}
     assert all(id(s.quantizer) in own for s in table_of(c).counted if s.quantizer is not None)
+
+
+def test_non_negative_needs_non_negative_operands():
+    """``relu(x) * 2`` and ``relu(x) + relu(y)`` stay >= 0; ``relu(x) * -1``, ``relu(x) - 1``
+    and ``relu(x) * gamma`` (a parameter) do not: they get a signed quantizer."""
+    from mixq.trace import trace
+
+    class Ops(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            r = torch.relu(x)
+            return r * 2, r + r, r * -1, torch.add(r, r, alpha=-1), r * self.gamma, r - 1
+
+    g = trace(Ops(), torch.zeros(1, 4))
+    assert [g.values[v].nonneg for v in g.outputs] == [True, True, False, False, False, False]

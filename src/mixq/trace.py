@@ -71,6 +71,12 @@ NONNEG_PRESERVING_MODULES = (
     nn.ZeroPad2d,
 )  # fmt: skip
 
+#: Sums and products: non-negative only when their numbers (``x * -1``, ``alpha=-1``) are too.
+ARITHMETIC = frozenset(
+    {"add", "__add__", "__radd__", "__iadd__", "add_", "mul", "__mul__", "__rmul__", "__imul__",
+     "mul_"}
+)  # fmt: skip
+
 #: Ops whose outputs are parts of their input (views): the input stays stored while they are.
 PART_FUNCTIONS = frozenset(
     {"chunk", "split", "tensor_split", "unbind", "narrow", "__getitem__", "select"}
@@ -176,6 +182,10 @@ def _fname(func: Any) -> str:
     return name
 
 
+def _negative_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x < 0
+
+
 class _Recorder(TorchFunctionMode):
     """Records functional calls; module calls arrive through the global hooks below."""
 
@@ -201,6 +211,19 @@ class _Recorder(TorchFunctionMode):
             if v is not None and v not in seen:
                 seen.append(v)
         return seen
+
+    def _preserves_nonneg(self, target: str, args: Any) -> bool:
+        """Every tensor read is a non-negative activation (a parameter, e.g. a cls token or a
+        LayerScale gamma, may be negative), and for sums and products every number is >= 0."""
+        leaves = tree_flatten(args)[0]
+        for t in leaves:
+            if isinstance(t, Tensor):
+                v = self.of.get(id(t))
+                if v is None or not self.values[v].nonneg:
+                    return False
+            elif target in ARITHMETIC and _negative_number(t):
+                return False
+        return True
 
     def add_input(self, t: Tensor) -> None:
         op = Op(len(self.ops), "input", "input", "input", "")
@@ -233,7 +256,7 @@ class _Recorder(TorchFunctionMode):
                     self.keep.append(t)
             return
         if nonneg_out is None:
-            nonneg_out = all(self.values[v].nonneg for v in inputs)
+            nonneg_out = self._preserves_nonneg(target, args)
         op = Op(len(self.ops), name, kind, target, module, inputs, layer=layer,
                 activation=activation, relu=relu)  # fmt: skip
         self.ops.append(op)
