@@ -17,6 +17,8 @@ Variants:
 * ``mixq-w``: uniform ``d_qmax`` weights (and biases) only, activations float.
 * ``mixq-wa``: uniform ``d_qmax`` weights and activations (the paper's default).
 * ``mixq-p2``: power-of-two ``qmin_qmax`` weights and activations.
+* ``mixq-inputs`` (not in the default list): ``activation_sites="inputs"``, every layer input
+  and activation output quantized (``--model mobilenet_v2`` for a model where that adds sites).
 * ``*-ref``: the same with ``MIXQ_KERNEL=reference`` (the implementation before the fast
   paths), selected per step with :func:`mixq.quant.kernels.use`.
 * ``*-eager`` / ``*-inductor``: the same with the eager PyTorch path or its ``torch.compile``
@@ -57,7 +59,7 @@ from torch import Tensor, nn
 from mixq.config import QuantConfig, SiteConfig
 from mixq.convert import quantize_model, quantizers
 from mixq.cost import Budget
-from mixq.models import resnet20
+from mixq.models import mobilenet_v2, resnet20
 from mixq.qat import QATStep
 from mixq.quant import kernels
 
@@ -189,6 +191,7 @@ class Variant:
 CONFIGS: dict[str, QuantConfig] = {
     "mixq-w": QuantConfig(activation=SiteConfig(quantizer="float")),
     "mixq-wa": QuantConfig(),
+    "mixq-inputs": QuantConfig(activation_sites="inputs"),
     "mixq-p2": QuantConfig(
         weight=SiteConfig(quantizer="pow2/qmin_qmax"),
         activation=SiteConfig(quantizer="pow2/qmin_qmax"),
@@ -203,6 +206,11 @@ ALL = ["float", "mixq-w", "mixq-wa", "mixq-p2", "mixq-w-ref", "mixq-wa-ref", "mi
 EXTRA = [f"{b}{s}" for b in ("mixq-w", "mixq-wa", "mixq-p2")
          for s in ("-eager", "-inductor", "-torch", "-compiled")]  # fmt: skip
 EXTRA += ["float-compile", "mixq-wa-compile", "mixq-p2-compile", "float-ema", "mixq-wa-ema"]
+EXTRA += ["mixq-inputs"]
+
+#: ``--model``: the network every variant is built from (input 3x32x32).
+ARCHS = {"resnet20": resnet20, "mobilenet_v2": lambda: mobilenet_v2(num_classes=10)}
+ARCH = "resnet20"
 """Also accepted by ``--variants`` (not in the default list)."""
 
 
@@ -216,17 +224,18 @@ def build(name: str, device: torch.device) -> Variant | None:
             return (
                 None if v is None else Variant(name, v.model, v.penalty, v.kernel, **{flag: True})
             )
+    net = ARCHS[ARCH]
     if name == "float":
-        model, penalty, kernel = resnet20(), None, None
+        model, penalty, kernel = net(), None, None
     elif name.startswith("mixq") and name not in ALL + EXTRA:
         raise ValueError(f"unknown variant {name!r}; valid: {ALL + EXTRA}")
     elif name.startswith("mixq"):
         suffix = next((s for s in KERNEL_SUFFIXES if name.endswith(s)), "")
         base = name.removesuffix(suffix) if suffix else name
-        model = quantize_model(resnet20(), CONFIGS[base])
+        model = quantize_model(net(), CONFIGS[base], example_input=torch.zeros(1, 3, 32, 32))
         penalty, kernel = budget, KERNEL_SUFFIXES.get(suffix)
     elif name == "lsq":
-        model, penalty, kernel = lsq_model(resnet20()), None, None
+        model, penalty, kernel = lsq_model(net()), None, None
     elif name == "brevitas":
         model, penalty, kernel = brevitas_model(), None, None
         if model is None:
@@ -286,6 +295,7 @@ def machine_info(device: torch.device, threads: int) -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "mixq kernel": kernels.describe(),
+        "model": ARCH,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -367,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", choices=sorted(ARCHS), default="resnet20",
+                   help="the network of every variant (32x32 input)")  # fmt: skip
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
@@ -380,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         "--count-ops", action="store_true", help="add ATen ops (CUDA kernels) of one step"
     )
     args = p.parse_args(argv)
+    global ARCH
+    ARCH = args.model
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -25,21 +25,23 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"progress"},
     "config": {"quant"},
     "layers": {"quant"},
-    "convert": {"config", "layers", "quant"},
-    "cost": {"config", "convert", "layers", "quant"},
-    "report": {"config", "convert", "cost", "layers", "quant"},
-    "qat": {"config", "convert", "cost", "layers", "quant"},
-    "export": {"config", "convert", "cost", "layers", "models", "quant"},
-    "__init__": {"config", "convert", "cost", "layers", "qat", "quant", "report"},
+    "trace": {"layers", "quant"},
+    "sites": {"layers", "quant", "trace"},
+    "convert": {"config", "layers", "quant", "sites", "trace"},
+    "cost": {"config", "convert", "layers", "quant", "sites", "trace"},
+    "report": {"config", "convert", "cost", "layers", "quant", "sites", "trace"},
+    "qat": {"config", "convert", "cost", "layers", "quant", "sites", "trace"},
+    "export": {"config", "convert", "cost", "layers", "models", "quant", "sites", "trace"},
+    "__init__": {"config", "convert", "cost", "layers", "qat", "quant", "report", "sites"},
     # the application
     "experiments": {"quant", "layers", "convert", "cost"},
     "train": {
         "config", "convert", "cost", "data", "export", "layers", "models", "progress", "qat",
-        "quant", "report",
+        "quant", "report", "sites", "trace",
     },
     "cli": {
         "config", "convert", "cost", "data", "experiments", "export", "layers", "models",
-        "progress", "qat", "quant", "report", "train",
+        "progress", "qat", "quant", "report", "sites", "trace", "train",
     },
 }
 

@@ -166,7 +166,8 @@ def test_json_round_trips(rep):
     data = json.loads(rep.to_json())
     assert data == rep.to_dict()
     assert list(data) == ["layers", "activations", "totals", "budget", "first_layer",
-                          "last_layer", "float_sites", "notes"]  # fmt: skip
+                          "last_layer", "float_sites", "notes", "uncounted",
+                          "activation_sites"]  # fmt: skip
     assert data["totals"]["weight_kib"] == rep.totals.weight_kib
     assert [x["name"] for x in data["layers"]][:2] == ["conv1", "layer1.0.conv1"]
     assert data["activations"][7]["quantizer"] == "float"
@@ -176,10 +177,12 @@ def test_csv_has_header_and_one_row_per_layer_and_site(rep):
     rows = list(csv.reader(io.StringIO(rep.to_csv())))
     assert rows[0][:5] == ["section", "name", "type", "quantizer", "bits"]
     body = rows[1:]
-    assert len(body) == 20 + 19
-    assert [r[1] for r in body] == [x.name for x in rep.layers] + [a.name for a in rep.activations]
+    assert len(body) == 20 + 19 + 2 + 1  # layers, sites, not counted (input, avgpool), peak
+    names = [x.name for x in rep.layers] + [a.name for a in rep.activations]
+    assert [r[1] for r in body] == [*names, "input", "avgpool", rep.totals.activation_peak_at]
+    assert [r[0] for r in body[-3:]] == ["uncounted", "uncounted", "peak"]
     assert sum(r[0] == "layer" for r in body) == 20
-    by_name = {r[1]: dict(zip(rows[0], r, strict=True)) for r in body}
+    by_name = {r[1]: dict(zip(rows[0], r, strict=True)) for r in body if r[0] != "peak"}
     assert by_name["fc"]["numel"] == "650" and by_name["layer2.0.relu1"]["bits"] == "32"
 
 

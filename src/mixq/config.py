@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -220,6 +220,12 @@ class QuantConfig:
             (spec 6); otherwise the data-free ``d0 = 2^-3``.
         input_shape: per-sample input shape for the dry forward (default: the model's
             ``default_input_shape``).
+        activation_sites: which stored tensors are activation sites (:mod:`mixq.sites`):
+            ``"relu"`` (the paper's convention: activation outputs, ReLU/ReLU6 quantized
+            unsigned, other activations counted in float) or ``"inputs"`` (every layer input
+            and activation output, all quantized; signed unless known non-negative).
+        uncounted: fnmatch patterns of site names (e.g. ``"input"``) left out of the memory
+            model; the report lists them.
     """
 
     weight: SiteConfig = field(default_factory=SiteConfig)
@@ -229,6 +235,15 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     init_from_weights: bool = True
     input_shape: tuple[int, ...] | None = None
+    activation_sites: Literal["relu", "inputs"] = "relu"
+    uncounted: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.activation_sites not in ("relu", "inputs"):
+            raise ConfigError(
+                f"activation_sites={self.activation_sites!r}: use 'relu' (the paper's ReLU "
+                "outputs) or 'inputs' (every layer input and activation output)"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> QuantConfig:

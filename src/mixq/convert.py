@@ -2,9 +2,9 @@
 
 Conversion is a module swap driven by the ``QUANT_LAYERS`` / ``ACTIVATIONS`` mappings and fnmatch
 patterns on fully-qualified module names; the quantized layers *share* the float Parameters.
-One dry forward (in eval mode, no gradient) records the per-sample element count of every
-activation site and the output size of every layer, which the memory model and the MAC counts
-need (spec 5.1, 5.2).
+One dry forward (in eval mode, no gradient; :mod:`mixq.trace`) finds the activation sites
+from the tensors that flow (:mod:`mixq.sites`) and records their per-sample element counts and
+the output size of every layer, which the memory model and the MAC counts need (spec 5.1, 5.2).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from mixq.config import ConfigError, LayerOverride, QuantConfig, SiteConfig
-from mixq.layers import ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear
+from mixq.layers import ACTIVATIONS, QUANT_LAYERS, QuantAct, QuantConv2d, QuantLinear, QuantOut
 from mixq.quant.base import Quantizer
 from mixq.quant.registry import make_quantizer
+from mixq.sites import build_table, candidates, reader_groups
+from mixq.trace import NONNEG_MODULES, Graph, trace
 
 QUANTIZED_LAYERS = (QuantConv2d, QuantLinear)
 
@@ -52,13 +54,19 @@ def _site(cfg: QuantConfig, name: str, which: str) -> SiteConfig:
     return base
 
 
-def _check_patterns(cfg: QuantConfig, names: list[str]) -> None:
+def _check_patterns(cfg: QuantConfig, names: list[str], site_names: list[str]) -> None:
     patterns = list(cfg.exclude) + [ov.pattern for ov in cfg.overrides]
     for p in patterns:
         if not any(fnmatch.fnmatchcase(n, p) for n in names):
             raise ConfigError(
-                f"pattern {p!r} matches no quantizable layer; layer names are e.g. "
-                f"{names[:6]} (see mixq.report or model.named_modules())"
+                f"pattern {p!r} matches no quantizable layer or activation site; names are "
+                f"e.g. {names[:6]} (see mixq.report or model.named_modules())"
+            )
+    for p in cfg.uncounted:
+        if not any(fnmatch.fnmatchcase(n, p) for n in site_names):
+            raise ConfigError(
+                f"uncounted pattern {p!r} matches no activation site; sites are e.g. "
+                f"{site_names[:6]} (see the report's activation sites)"
             )
 
 
@@ -68,28 +76,69 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _example(model: nn.Module, example_input: torch.Tensor | None,
+             input_shape: tuple[int, ...] | None) -> torch.Tensor:  # fmt: skip
+    if example_input is not None:
+        return example_input
+    shape = input_shape or getattr(model, "default_input_shape", None)
+    if shape is None:
+        raise ValueError(
+            "cannot infer the input shape for the dry forward: pass example_input=... or "
+            "set QuantConfig.input_shape (per-sample shape, e.g. (3, 32, 32))"
+        )
+    p = next(model.parameters())
+    return torch.zeros(1, *shape, device=p.device, dtype=p.dtype)
+
+
+def _activation_modules(graph: Graph, mode: str) -> dict[str, nn.Module]:
+    """The called activation modules that get a quantizer at their output, by path:
+    ReLU/ReLU6 always (fused, decision 5), the others with ``activation_sites="inputs"``."""
+    out = {}
+    for i, m in graph.modules.items():
+        op = graph.ops[i]
+        if type(m) in ACTIVATIONS or (mode == "inputs" and op.activation):
+            out[op.module] = m
+    return out
+
+
+def _reader_quantized(graph: Graph, mode: str, fused: dict[str, nn.Module]) -> list[int]:
+    """Counted sites quantized at the layers that read them (not at an activation module)."""
+    out = []
+    for v, counted in candidates(graph, mode).items():
+        prod = graph.producer(v)
+        if not counted or (prod is not None and prod.kind == "module" and prod.module in fused):
+            continue
+        if mode == "relu" and not (prod is not None and prod.kind == "function" and prod.relu):
+            continue  # the paper's convention quantizes ReLU outputs only
+        out.append(v)
+    return out
+
+
 def quantize_model(
     model: nn.Module,
     config: QuantConfig | None = None,
     *,
     example_input: torch.Tensor | None = None,
 ) -> nn.Module:
-    """Give every conv/linear weight and bias and every ReLU/ReLU6 output a learned quantizer.
+    """Give every conv/linear weight and bias, and every activation site, a learned quantizer.
 
     Replaces, in place, each ``nn.Conv2d`` (grouped and depthwise too) and ``nn.Linear`` by a
     ``QuantConv2d`` / ``QuantLinear`` sharing its Parameters, and each ``nn.ReLU`` /
     ``nn.ReLU6`` by a ``QuantAct`` (an unsigned quantizer that is the ReLU, decision 5).
-    Weight quantizers start from the float weights (spec 6) unless configured otherwise.
+    The activation sites are found from the tensors of one dry forward (:mod:`mixq.sites`):
+    with ``config.activation_sites="inputs"`` every other activation module is wrapped in a
+    ``QuantOut`` and every other layer input is quantized at the layers that read it (signed
+    unless its producer is non-negative). Weight quantizers start from the float weights
+    (spec 6) unless configured otherwise.
 
     Args:
-        model: a float model. Its conv, linear and activation modules must be distinct
-            module instances (a reused ``nn.ReLU`` is one site).
+        model: a float model.
         config: a :class:`~mixq.config.QuantConfig`; None gives the paper's default.
         example_input: one batch for the dry forward; default ``zeros(1, *input_shape)``
             from the config or the model's ``default_input_shape``.
 
     Returns:
-        The same ``model``, converted.
+        The same ``model``, converted; ``mixq.sites.table_of(model)`` holds its sites.
 
     Example:
         >>> from mixq.models import resnet20
@@ -100,26 +149,38 @@ def quantize_model(
     cfg = config or QuantConfig()
     # Checked first: a fully converted model has no plain nn.Conv2d / nn.Linear left, and the
     # "no quantizable layer" error below would hide the real cause.
-    if any(isinstance(m, (*QUANTIZED_LAYERS, QuantAct)) for m in model.modules()):
+    if any(isinstance(m, (*QUANTIZED_LAYERS, QuantAct, QuantOut)) for m in model.modules()):
         raise ValueError("model is already quantized; call mixq.to_float(model) first")
-    candidates = [
-        (n, m)
-        for n, m in model.named_modules()
-        if type(m) in QUANT_LAYERS or type(m) in ACTIVATIONS
-    ]
-    if not any(type(m) in QUANT_LAYERS for _, m in candidates):
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in QUANT_LAYERS]
+    if not layers:
         raise ValueError(
             "model has no quantizable layer (nn.Conv2d or nn.Linear); nothing to quantize"
         )
-    _check_patterns(cfg, [n for n, _ in candidates])
-    for name, mod in candidates:
+    mode = cfg.activation_sites
+    example = _example(model, example_input, cfg.input_shape)
+    graph = trace(model, example)
+    fused = _activation_modules(graph, mode)
+    site_names = [graph.values[v].name for v in candidates(graph, mode)]
+    acts = [n for n, m in model.named_modules() if type(m) in ACTIVATIONS]
+    _check_patterns(cfg, [n for n, _ in layers] + acts + list(fused) + site_names,
+                    site_names)  # fmt: skip
+    for name, mod in fused.items():
         excluded = any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude)
+        site = _site(cfg, name, "activation")
         if type(mod) in ACTIVATIONS:
-            site = _site(cfg, name, "activation")
             q = None if excluded else _build(site, signed=False)
             _replace(model, name, QuantAct(q, cap=ACTIVATIONS[type(mod)]))
-            continue
-        if excluded:
+        else:
+            signed = not (isinstance(mod, NONNEG_MODULES)
+                          or (isinstance(mod, nn.Hardtanh) and mod.min_val >= 0))  # fmt: skip
+            q = None if excluded else _build(site, signed=signed)
+            _replace(model, name, QuantOut(mod, q, signed))
+    # ReLU modules that the forward never calls are swapped too (to_float restores them).
+    for name in acts:
+        if name not in fused:
+            _replace(model, name, QuantAct(None, cap=ACTIVATIONS[type(model.get_submodule(name))]))
+    for name, mod in layers:
+        if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
             continue
         wq = _build(_site(cfg, name, "weight"), signed=True)
         bq = _build(_site(cfg, name, "bias"), signed=True) if mod.bias is not None else None
@@ -131,12 +192,33 @@ def quantize_model(
             if q is not None:
                 q.to(mod.weight.device)
         _replace(model, name, QUANT_LAYERS[type(mod)].from_float(mod, wq, bq))
+    _add_input_quantizers(model, cfg, graph, _reader_quantized(graph, mode, fused))
     device = next(model.parameters()).device
     for m in model.modules():
-        if isinstance(m, QuantAct) and m.quantizer is not None:
+        if isinstance(m, (QuantAct, QuantOut)) and m.quantizer is not None:
             m.quantizer.to(device)
-    record_sizes(model, example_input, cfg.input_shape)
+    model.mixq_site_config = (mode, tuple(cfg.uncounted))
+    record_sizes(model, example)
     return model
+
+
+def _add_input_quantizers(model: nn.Module, cfg: QuantConfig, graph: Graph,
+                          values: list[int]) -> None:  # fmt: skip
+    """One quantizer per group of reader-quantized sites, shared by the layers reading them."""
+    device = next(model.parameters()).device
+    for vs, layer_paths in reader_groups(graph, values):
+        readers = [model.get_submodule(p) for p in layer_paths]
+        readers = [m for m in readers if isinstance(m, QUANTIZED_LAYERS)]  # excluded stay float
+        names = [graph.values[v].name for v in vs]
+        if not readers or any(fnmatch.fnmatchcase(n, p) for n in names for p in cfg.exclude):
+            continue
+        signed = not all(graph.values[v].nonneg for v in vs)
+        q = _build(_site(cfg, names[0], "activation"), signed=signed)
+        if q is None:
+            continue
+        q.to(device)
+        for m in readers:
+            m.input_quantizer = q
 
 
 @torch.no_grad()
@@ -145,51 +227,40 @@ def record_sizes(
     example_input: torch.Tensor | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> None:
-    """Dry forward: store ``numel`` on every quantizer and ``out_shape`` on every layer."""
-    if example_input is None:
-        shape = input_shape or getattr(model, "default_input_shape", None)
-        if shape is None:
-            raise ValueError(
-                "cannot infer the input shape for the dry forward: pass example_input=... or "
-                "set QuantConfig.input_shape (per-sample shape, e.g. (3, 32, 32))"
-            )
-        p = next(model.parameters())
-        example_input = torch.zeros(1, *shape, device=p.device, dtype=p.dtype)
-    hooks = []
-
-    def hook(mod: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        mod.out_shape = tuple(out.shape[1:])
-        if isinstance(mod, QuantAct):
-            mod.numel = out[0].numel()
-            if mod.quantizer is not None:
-                mod.quantizer.numel = mod.numel
-
+    """Dry forward: the site table (``mixq_sites``), ``numel`` on every quantizer and
+    ``out_shape`` on every layer (spec 5.1, 5.2)."""
+    example = _example(model, example_input, input_shape)
+    graph = trace(model, example)
+    seen: set[int] = set()
+    for i, m in graph.modules.items():
+        op = graph.ops[i]
+        if not op.outputs or not isinstance(m, (nn.Conv2d, nn.Linear, QuantAct, QuantOut)):
+            continue
+        m.out_shape = graph.values[op.outputs[0]].shape
+        if isinstance(m, QuantAct) and id(m) not in seen:  # a reused module: its first call
+            m.numel = graph.values[op.outputs[0]].numel
+            seen.add(id(m))
     for m in model.modules():
-        if isinstance(m, (*QUANTIZED_LAYERS, QuantAct, nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(hook))
-            if isinstance(m, QUANTIZED_LAYERS):
-                if m.weight_quantizer is not None:
-                    m.weight_quantizer.numel = m.weight.numel()
-                if m.bias_quantizer is not None:
-                    m.bias_quantizer.numel = m.bias.numel()
-    was_training = model.training
-    model.eval()
-    try:
-        model(example_input)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    missing = [n for n, m in model.named_modules() if isinstance(m, QuantAct) and m.numel is None]
-    if missing:
-        raise ValueError(f"activation sites not reached by the dry forward: {missing}")
+        if isinstance(m, QUANTIZED_LAYERS):
+            if m.weight_quantizer is not None:
+                m.weight_quantizer.numel = m.weight.numel()
+            if m.bias_quantizer is not None:
+                m.bias_quantizer.numel = m.bias.numel()
+    mode, uncounted = model.__dict__.get("mixq_site_config", ("relu", ()))
+    table = build_table(graph, model, mode, uncounted)
+    for s in table.sites:
+        if s.quantizer is not None and s.quantizer.numel is None:
+            s.quantizer.numel = s.numel
+    model.mixq_sites = table
 
 
 def to_float(model: nn.Module) -> nn.Module:
     """Undo :func:`quantize_model` in place: the original layer types, same Parameters."""
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (*QUANTIZED_LAYERS, QuantAct)):
+        if isinstance(mod, (*QUANTIZED_LAYERS, QuantAct, QuantOut)):
             _replace(model, name, mod.to_float())
+    for key in ("mixq_sites", "mixq_site_config"):
+        model.__dict__.pop(key, None)
     return model
 
 

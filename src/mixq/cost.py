@@ -5,7 +5,9 @@ Sizes are in **bits** inside; people get KiB/MiB (1 KB = 1024 bytes, as in the p
 * weight memory ``S_w = sum_t b_t * numel_t`` over every conv/linear weight and bias ``t``
   (a float, unquantized tensor counts 32 bits; batch norm is not counted);
 * activation memory per site ``S_x,l = b_l * numel_l`` (``numel_l`` per sample, recorded by the
-  dry forward of ``quantize_model``), aggregated as ``sum_l`` (8b) or ``max_l`` (8c);
+  dry forward of ``quantize_model``; the sites are those of :mod:`mixq.sites`), aggregated as
+  ``sum_l`` (8b), ``max_l`` (8c) or ``peak = max_k sum_l alive[k, l] S_x,l``, the largest
+  memory of the sites alive at once (mixq's addition, the arena a microcontroller needs);
 * penalty ``lambda * relu(S - S_0)^2`` with ``S`` in KiB (Eq. 10, decision 7).
 
 Every ``*_bits`` function is a differentiable function of the quantizer parameters only, through
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mixq.layers import QuantAct
+from mixq.layers import QuantAct, QuantOut
+from mixq.sites import Site, SiteTable, table_of
 
 FLOAT_BITS = 32
 BITS_PER_KIB = 8 * 1024
@@ -81,33 +84,73 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def activation_sites(model: nn.Module) -> list[tuple[str, QuantAct]]:
-    """The activation sites (``QuantAct`` modules) with their recorded sizes."""
-    sites = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
-    for n, m in sites:
-        if m.numel is None:
-            raise ValueError(f"activation site {n!r} has no recorded size; run record_sizes")
-    return sites
+def site_table(model: nn.Module) -> SiteTable | None:
+    """The model's :class:`~mixq.sites.SiteTable`; None for a model that was never converted.
+
+    Raises:
+        ValueError: a converted model without recorded sizes (call ``record_sizes``).
+    """
+    table = table_of(model)
+    if table is None and any(isinstance(m, (QuantAct, QuantOut)) for m in model.modules()):
+        raise ValueError("the model's activation sites have no recorded size; run record_sizes")
+    return table
+
+
+def activation_sites(model: nn.Module) -> list[Site]:
+    """The counted activation sites with their recorded sizes, in production order."""
+    table = site_table(model)
+    return [] if table is None else table.counted
+
+
+def _plan(table: SiteTable, device: torch.device) -> tuple[list, Tensor, Tensor, Tensor]:
+    """``(quantizers, index, numel, alive)``: each counted site's bits are
+    ``cat(b(quantizers), [32])[index]``; cached per device (shared quantizers computed once)."""
+    cache = table.__dict__.setdefault("_plans", {})
+    if device not in cache:
+        qs: list = []
+        pos: dict[int, int] = {}
+        idx = []
+        for s in table.counted:
+            if s.quantizer is None:
+                idx.append(-1)
+                continue
+            if id(s.quantizer) not in pos:
+                pos[id(s.quantizer)] = len(qs)
+                qs.append(s.quantizer)
+            idx.append(pos[id(s.quantizer)])
+        index = torch.tensor([len(qs) if i < 0 else i for i in idx], dtype=torch.long)
+        numel = torch.tensor([float(s.numel) for s in table.counted])
+        cache[device] = (qs, index.to(device), numel.to(device), table.alive.to(device))
+    return cache[device]
 
 
 def activation_bits_per_site(model: nn.Module) -> Tensor:
-    """``S_x,l = b_l * numel_l`` for every activation site, as a 1-D tensor (bits)."""
+    """``S_x,l = b_l * numel_l`` for every counted activation site, as a 1-D tensor (bits)."""
     device = _device(model)
-    values = []
-    for _, m in activation_sites(model):
-        if m.quantizer is None:
-            b = torch.tensor(float(FLOAT_BITS), device=device)
-        else:
-            b = m.quantizer.bitwidth_surrogate()
-        values.append(b * m.numel)
-    return torch.stack(values) if values else torch.zeros(0, device=device)
+    table = site_table(model)
+    if table is None or not table.counted:
+        return torch.zeros(0, device=device)
+    qs, index, numel, _ = _plan(table, device)
+    bits = [q.bitwidth_surrogate() for q in qs]
+    b = torch.stack([*bits, torch.tensor(float(FLOAT_BITS), device=device)])
+    return b[index] * numel
+
+
+def _peak(per_site: Tensor, alive: Tensor) -> tuple[Tensor, int]:
+    per_step = alive @ per_site
+    k = int(per_step.detach().argmax())  # the first largest step, as the max reduction
+    return per_step[k], k
 
 
 def activation_bits(model: nn.Module, reduction: str = "sum") -> Tensor:
-    """Activation memory in bits: ``sum_l S_x,l`` (8b) or ``max_l S_x,l`` (8c).
+    """Activation memory in bits: ``sum_l S_x,l`` (8b), ``max_l S_x,l`` (8c) or ``peak``, the
+    largest sum of sites alive at once (``max_k sum_l alive[k, l] S_x,l``, :mod:`mixq.sites`).
 
-    For ``max`` the gradient goes to the first largest site only (spec 5.2).
+    For ``max`` and ``peak`` the gradient goes to the first largest site / step (spec 5.2).
     """
+    if reduction not in ("sum", "max", "peak"):
+        raise ValueError(f"unknown activation reduction {reduction!r}; valid: "
+                         "['max', 'peak', 'sum']")  # fmt: skip
     per_site = activation_bits_per_site(model)
     if per_site.numel() == 0:
         return per_site.new_zeros(())
@@ -117,7 +160,19 @@ def activation_bits(model: nn.Module, reduction: str = "sum") -> Tensor:
         # Index the first argmax instead of ``per_site.max()``: torch splits the gradient of a
         # full max evenly between tied sites, the reference code gives it all to the first.
         return per_site[per_site.detach().argmax()]
-    raise ValueError(f"unknown activation reduction {reduction!r}; valid: ['max', 'sum']")
+    table = site_table(model)
+    return _peak(per_site, _plan(table, per_site.device)[3])[0]
+
+
+def activation_peak_step(model: nn.Module) -> tuple[str, list[str]] | None:
+    """``(op at the peak, names of the sites alive there)`` at the current bitwidths."""
+    table = site_table(model)
+    if table is None or not table.counted:
+        return None
+    with torch.no_grad():
+        per_site = activation_bits_per_site(model)
+        _, k = _peak(per_site, _plan(table, per_site.device)[3])
+    return table.steps[k], table.alive_at(k)
 
 
 def min_weight_bits(model: nn.Module) -> float:
@@ -134,11 +189,18 @@ def min_weight_bits(model: nn.Module) -> float:
 
 def min_activation_bits(model: nn.Module, reduction: str) -> float:
     """The smallest activation memory the bounds allow."""
-    vals = [(m.quantizer.bounds.b_min if m.quantizer else FLOAT_BITS) * m.numel
-            for _, m in activation_sites(model)]  # fmt: skip
+    sites = activation_sites(model)
+    vals = [(s.quantizer.bounds.b_min if s.quantizer else FLOAT_BITS) * s.numel for s in sites]
     if not vals:
         return 0.0
+    if reduction == "peak":
+        alive = site_table(model).alive.double()
+        return float((alive @ torch.tensor(vals, dtype=torch.float64)).max())
     return sum(vals) if reduction == "sum" else max(vals)
+
+
+_ACTIVATION_TERMS = (("activation_sum", "sum"), ("activation_max", "max"),
+                     ("activation_peak", "peak"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -150,50 +212,61 @@ class Budget:
         activation_sum: (8b) total activation memory.
         activation_max: (8c) largest activation.
         lam: ``lambda`` for sizes in KiB; see :func:`scaled_lambda` for other model sizes.
+        activation_peak: the largest activation memory alive at once in one forward (the
+            arena a microcontroller runtime needs, :mod:`mixq.sites`).
     """
 
     weight: float | None = None
     activation_sum: float | None = None
     activation_max: float | None = None
     lam: float = 0.1
+    activation_peak: float | None = None
 
     @classmethod
-    def parse(cls, weight=None, activation_sum=None, activation_max=None, lam=0.1) -> Budget:
+    def parse(cls, weight=None, activation_sum=None, activation_max=None, lam=0.1,
+              activation_peak=None) -> Budget:  # fmt: skip
         """Build from strings such as ``"70KB"``; raises ``ValueError`` for bad sizes."""
-        conv = [None if v in (None, "", 0) else parse_size(v)
-                for v in (weight, activation_sum, activation_max)]  # fmt: skip
-        return cls(*conv, lam=float(lam))
+        given = (weight, activation_sum, activation_max, activation_peak)
+        w, s, m, p = [None if v in (None, "", 0) else parse_size(v) for v in given]
+        return cls(w, s, m, lam=float(lam), activation_peak=p)
+
+    def _targets(self) -> dict[str, float | None]:
+        names = ("weight", "activation_sum", "activation_max", "activation_peak")
+        return {k: getattr(self, k) for k in names}
 
     @property
     def active(self) -> bool:
         """True when at least one constraint is set."""
-        return any(v is not None for v in (self.weight, self.activation_sum, self.activation_max))
+        return any(v is not None for v in self._targets().values())
+
+    @property
+    def activation_active(self) -> bool:
+        """True when an activation constraint (sum, max or peak) is set."""
+        return any(getattr(self, k) is not None for k, _ in _ACTIVATION_TERMS)
 
     def terms(self, model: nn.Module) -> dict[str, tuple[Tensor, float]]:
         """``{name: (size_bits, target_bits)}`` for each set constraint."""
         out = {}
         if self.weight is not None:
             out["weight"] = (weight_bits(model), self.weight * 8)
-        if self.activation_sum is not None:
-            out["activation_sum"] = (activation_bits(model, "sum"), self.activation_sum * 8)
-        if self.activation_max is not None:
-            out["activation_max"] = (activation_bits(model, "max"), self.activation_max * 8)
+        for name, reduction in _ACTIVATION_TERMS:
+            target = getattr(self, name)
+            if target is not None:
+                out[name] = (activation_bits(model, reduction), target * 8)
         return out
 
     def check_feasible(self, model: nn.Module) -> None:
         """Raise a ``ValueError`` when a target is below what the bitwidth bounds allow."""
-        mins = {
-            "weight": min_weight_bits(model),
-            "activation_sum": min_activation_bits(model, "sum"),
-            "activation_max": min_activation_bits(model, "max"),
-        }
-        for name, target in (("weight", self.weight), ("activation_sum", self.activation_sum),
-                             ("activation_max", self.activation_max)):  # fmt: skip
-            if target is not None and target * 8 < mins[name]:
+        for name, target in self._targets().items():
+            if target is None:
+                continue
+            need = (min_weight_bits(model) if name == "weight"
+                    else min_activation_bits(model, dict(_ACTIVATION_TERMS)[name]))  # fmt: skip
+            if target * 8 < need:
                 raise ValueError(
                     f"impossible {name} budget {target / 1024:.2f} KiB: even with every "
                     f"quantizer at its minimum bitwidth the model needs "
-                    f"{mins[name] / BITS_PER_KIB:.2f} KiB; raise the budget or lower b_min"
+                    f"{need / BITS_PER_KIB:.2f} KiB; raise the budget or lower b_min"
                 )
 
     def penalty(self, model: nn.Module) -> Tensor:
@@ -207,6 +280,33 @@ class Budget:
         """Whether each set constraint holds for the current integer bitwidths."""
         with torch.no_grad():
             return {k: bool(s <= t + 1e-6) for k, (s, t) in self.terms(model).items()}
+
+
+def float_sites_warning(model: nn.Module, budget: Budget) -> str | None:
+    """A warning when an activation budget is set and sites stay float or are not counted
+    (the budget then does not bound what the deployed network stores); None otherwise."""
+    table = site_table(model)
+    if table is None or not budget.activation_active:
+        return None
+    flt = [s.name for s in table.counted if s.quantizer is None]
+    unc = [s.name for s in table.sites if not s.counted and not s.by_convention]
+    if not flt and not unc:
+        return None
+    parts = []
+    if flt:
+        parts.append(f"{len(flt)} activation site(s) stay float, counted at 32 bits: "
+                     + _few(flt))  # fmt: skip
+    if unc:
+        kib = sum(s.numel for s in table.sites if s.name in unc) * FLOAT_BITS / BITS_PER_KIB
+        parts.append(f"{len(unc)} stored tensor(s) are not counted ({kib:.2f} KiB in float32): "
+                     + _few(unc))  # fmt: skip
+    return ("activation budget: " + "; ".join(parts)
+            + ". See the report's activation sites; QuantConfig.activation_sites='inputs' "
+            "counts and quantizes every layer input.")  # fmt: skip
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
 def float_weight_bits(model: nn.Module) -> int:
@@ -248,6 +348,9 @@ __all__ = [
     "Budget",
     "activation_bits",
     "activation_bits_per_site",
+    "activation_peak_step",
+    "activation_sites",
+    "float_sites_warning",
     "float_weight_bits",
     "layer_ops",
     "parse_size",

@@ -27,10 +27,13 @@ def _quantized_weight_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose weight and bias pass through their own quantizers."""
+    """``nn.Conv2d`` whose weight and bias pass through their own quantizers, and whose input
+    passes through ``input_quantizer`` when its activation site is quantized at the reader
+    (``QuantConfig.activation_sites``; one quantizer object shared by every reader of a site)."""
 
     weight_quantizer: Quantizer | None
     bias_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None  # a child module when set (see forward)
 
     @classmethod
     def from_float(
@@ -77,16 +80,22 @@ class QuantConv2d(nn.Conv2d):
         return c
 
     def forward(self, x: Tensor) -> Tensor:
-        """``conv(x, Q_w(W), Q_b(bias))``."""
+        """``conv(Q_x(x), Q_w(W), Q_b(bias))``."""
+        # A child module lives in ``_modules``; a layer without one has no such entry.
+        q = self._modules.get("input_quantizer")
+        if q is not None:
+            x = q(x)
         w, b = _quantized_weight_bias(self)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose weight and bias pass through their own quantizers."""
+    """``nn.Linear`` whose weight and bias pass through their own quantizers (and its input
+    through ``input_quantizer``, as :class:`QuantConv2d`)."""
 
     weight_quantizer: Quantizer | None
     bias_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None  # a child module when set (see forward)
 
     @classmethod
     def from_float(
@@ -106,7 +115,11 @@ class QuantLinear(nn.Linear):
         return fc
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x @ Q_w(W)^T + Q_b(bias)``."""
+        """``Q_x(x) @ Q_w(W)^T + Q_b(bias)``."""
+        # A child module lives in ``_modules``; a layer without one has no such entry.
+        q = self._modules.get("input_quantizer")
+        if q is not None:
+            x = q(x)
         return F.linear(x, *_quantized_weight_bias(self))
 
 
@@ -148,11 +161,48 @@ class QuantAct(nn.Module):
         return f"cap={self.cap}, numel={self.numel}" + ("" if self.quantizer else ", float")
 
 
+class QuantOut(nn.Module):
+    """``Q_x(f(x))``: an activation module ``f`` (SiLU, GELU, hard-swish, a sigmoid gate, ...)
+    whose output gets a learned quantizer, signed unless ``f`` is known to be non-negative.
+
+    Used by ``activation_sites="inputs"`` for the activation modules that are not a ReLU/ReLU6
+    (those are fused into :class:`QuantAct`). Each call of a reused module is its own site; all
+    calls share this quantizer.
+
+    Attributes:
+        act: the wrapped activation module (its Parameters, e.g. PReLU's, are kept).
+        quantizer: the activation quantizer, or None (a float site).
+        quantizer_signed: whether the quantizer is signed (False: ``f >= 0``).
+    """
+
+    def __init__(self, act: nn.Module, quantizer: Quantizer | None, signed: bool) -> None:
+        super().__init__()
+        if quantizer is not None and quantizer.signed != signed:
+            raise ValueError("QuantOut: the quantizer's sign does not match signed=")
+        self.act = act
+        self.quantizer = quantizer
+        self.quantizer_signed = bool(signed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``Q_x(act(x))``, or ``act(x)`` without quantizer."""
+        y = self.act(x)
+        return y if self.quantizer is None else self.quantizer(y)
+
+    def to_float(self) -> nn.Module:
+        """The wrapped activation module."""
+        return self.act
+
+
 QUANT_LAYERS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
 }
 """The module-swap mapping: float layer type -> quantized layer type."""
+
+
+def input_quantizer(layer: nn.Module) -> Quantizer | None:
+    """The quantizer of a quantized layer's input site, or None."""
+    return layer._modules.get("input_quantizer")
 
 
 def scale_logits(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:

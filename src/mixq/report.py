@@ -27,9 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.cost import BITS_PER_KIB, FLOAT_BITS, Budget, layer_ops
+from mixq.cost import (
+    BITS_PER_KIB,
+    FLOAT_BITS,
+    Budget,
+    activation_bits,
+    activation_peak_step,
+    float_sites_warning,
+    layer_ops,
+    site_table,
+)
 from mixq.layers import QuantAct
 from mixq.quant.base import Quantizer
+from mixq.sites import Site
 
 NOT_QUANTIZED_BY_DESIGN = (
     "the input image, batch norm, residual additions, pooling outputs and the logits stay float "
@@ -66,7 +76,8 @@ class LayerRow:
 
 @dataclass(frozen=True)
 class ActivationRow:
-    """One activation site: ``kib = bits * numel / 8192`` with ``numel`` per sample."""
+    """One activation site (:mod:`mixq.sites`): ``kib = bits * numel / 8192`` with ``numel``
+    per sample; 0 for a site that is not counted (``counted`` False, ``note`` says why)."""
 
     name: str
     quantizer: str
@@ -77,6 +88,11 @@ class ActivationRow:
     q_max: float | None
     kib: float
     cap: float | None
+    producer: str = ""
+    consumers: list[str] = field(default_factory=list)
+    quantized_at: str = ""
+    counted: bool = True
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,10 @@ class Totals:
     macs: int | None
     mul: int | None
     add: int | None
+    activation_peak_kib: float = 0.0
+    activation_peak_float_kib: float = 0.0
+    activation_peak_at: str | None = None
+    activation_peak_alive: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,8 @@ class Report:
     last_layer: str | None = None
     float_sites: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    uncounted: list[ActivationRow] = field(default_factory=list)
+    activation_sites: str = "relu"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (the JSON document)."""
@@ -134,16 +156,23 @@ class Report:
     def to_csv(self) -> str:
         """One CSV table: a header, then one row per layer and one per activation site."""
         cols = ["section", "name", "type", "quantizer", "bits", "d", "q_min", "q_max",
-                "bias_bits", "numel", "kib", "macs", "mul", "add"]  # fmt: skip
+                "bias_bits", "numel", "kib", "macs", "mul", "add", "producer", "consumers",
+                "quantized_at", "note"]  # fmt: skip
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
         w.writeheader()
         for r in self.layers:
             row = {k: v for k, v in dataclasses.asdict(r).items() if k in cols}
             w.writerow({**row, "section": "layer", "numel": r.n_weights + r.n_bias})
-        for a in self.activations:
-            row = {k: v for k, v in dataclasses.asdict(a).items() if k in cols}
-            w.writerow({**row, "section": "activation", "type": "act"})
+        for section, rows in (("activation", self.activations), ("uncounted", self.uncounted)):
+            for a in rows:
+                row = {k: v for k, v in dataclasses.asdict(a).items() if k in cols}
+                w.writerow({**row, "section": section, "type": "act",
+                            "consumers": " ".join(a.consumers)})  # fmt: skip
+        t = self.totals
+        w.writerow({"section": "peak", "name": t.activation_peak_at, "type": "act",
+                    "kib": t.activation_peak_kib, "consumers": " ".join(t.activation_peak_alive),
+                    "note": "sites alive at the peak"})  # fmt: skip
         return buf.getvalue()
 
     def to_text(self) -> str:
@@ -158,12 +187,19 @@ class Report:
                          _int(r.mul), _int(r.add)])  # fmt: skip
         out += _table(["layer", "type", "quantizer", "b", "d/q_min", "q_max", "b_bias",
                        "#params", "KiB", "MACs", "mul", "add"], rows)  # fmt: skip
-        out += ["", "Activation sites (per sample)"]
-        rows = [[a.name, a.quantizer, str(a.bits), _num(a.d or a.q_min), _num(a.q_max),
-                 f"{a.numel:,}", f"{a.kib:.2f}", _num(a.cap)]
-                for a in self.activations]  # fmt: skip
-        out += _table(["site", "quantizer", "b", "d/q_min", "q_max", "elements", "KiB", "cap"],
-                      rows)  # fmt: skip
+        out += ["", f"Activation sites (per sample; activation_sites={self.activation_sites!r})"]
+        rows = [[a.name, a.producer, a.quantizer, str(a.bits), _num(a.d or a.q_min),
+                 _num(a.q_max), f"{a.numel:,}", f"{a.kib:.2f}", _num(a.cap),
+                 ", ".join(a.consumers)] for a in self.activations]  # fmt: skip
+        out += _table(["site", "producer", "quantizer", "b", "d/q_min", "q_max", "elements",
+                       "KiB", "cap", "read by"], rows, left=(0, 1, 2, 9))  # fmt: skip
+        if self.uncounted:
+            out += ["", "Stored tensors not counted (float32 size shown)"]
+            rows = [[a.name, a.producer, f"{a.numel:,}",
+                     f"{a.numel * FLOAT_BITS / BITS_PER_KIB:.2f}", ", ".join(a.consumers),
+                     a.note] for a in self.uncounted]  # fmt: skip
+            out += _table(["site", "producer", "elements", "KiB", "read by", "why"], rows,
+                          left=(0, 1, 4, 5))  # fmt: skip
         t = self.totals
         out += [
             "",
@@ -174,6 +210,9 @@ class Report:
             f"(float32 {t.activation_sum_float_kib:.2f} KiB)",
             f"  activations max  {t.activation_max_kib:12.2f} KiB  "
             f"(float32 {t.activation_max_float_kib:.2f} KiB) at {t.activation_max_site}",
+            f"  activations peak {t.activation_peak_kib:12.2f} KiB  "
+            f"(float32 {t.activation_peak_float_kib:.2f} KiB) at {t.activation_peak_at}, "
+            f"alive: {', '.join(t.activation_peak_alive)}",
             f"  MACs             {_int(t.macs):>12}  (mul {_int(t.mul)}, add {_int(t.add)})",
         ]
         if self.budget:
@@ -239,12 +278,13 @@ def _int(v: int | None) -> str:
     return "-" if v is None else f"{v:,}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned text columns (the first three), right-aligned numbers."""
+def _table(header: list[str], rows: list[list[str]],
+           left: tuple[int, ...] = (0, 1, 2)) -> list[str]:  # fmt: skip
+    """Left-aligned text columns (``left``, default the first three), right-aligned numbers."""
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
 
     def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # fmt: skip
 
     return ["  " + fmt(header), "  " + "  ".join("-" * w for w in widths)] + [
@@ -289,12 +329,14 @@ def _layer_row(name: str, m: nn.Module) -> LayerRow:
                     kib, macs, mul, add)  # fmt: skip
 
 
-def _act_row(name: str, m: QuantAct) -> ActivationRow:
-    if m.numel is None:
-        raise ValueError(f"activation site {name!r} has no recorded size; run record_sizes")
-    spec, bits, d, q_min, q_max = _describe(m.quantizer)
-    return ActivationRow(name, spec, m.numel, bits, d, q_min, q_max, bits * m.numel / BITS_PER_KIB,
-                         m.cap)  # fmt: skip
+def _act_row(model: nn.Module, site: Site) -> ActivationRow:
+    spec, bits, d, q_min, q_max = _describe(site.quantizer)
+    owner = model.get_submodule(site.quantized_at) if site.quantized_at else None
+    cap = owner.cap if isinstance(owner, QuantAct) else None
+    kib = bits * site.numel / BITS_PER_KIB if site.counted else 0.0
+    return ActivationRow(site.name, spec, site.numel, bits, d, q_min, q_max, kib, cap,
+                         site.producer, list(site.consumers), site.quantized_at, site.counted,
+                         site.note)  # fmt: skip
 
 
 def _budget_rows(model: nn.Module, budget: Budget) -> list[BudgetRow]:
@@ -305,7 +347,8 @@ def _budget_rows(model: nn.Module, budget: Budget) -> list[BudgetRow]:
             for k, (s, t) in terms.items()]  # fmt: skip
 
 
-def _notes(layers: list[LayerRow], acts: list[ActivationRow], float_sites: list[str]) -> list[str]:
+def _notes(layers: list[LayerRow], acts: list[ActivationRow], float_sites: list[str],
+           mode: str, warning: str | None) -> list[str]:  # fmt: skip
     notes = []
     for which, row in (("first", layers[0] if layers else None),
                        ("last", layers[-1] if layers else None)):  # fmt: skip
@@ -318,10 +361,19 @@ def _notes(layers: list[LayerRow], acts: list[ActivationRow], float_sites: list[
             notes.append(f"{which} layer: {row.name} is {state}")
     notes.append("float (unquantized) sites, counted at 32 bits: "
                  + (", ".join(float_sites) if float_sites else "none"))  # fmt: skip
-    if acts:
-        notes.append("activation sites are the ReLU/ReLU6 outputs (reference code); "
-                     "activation memory is per sample")  # fmt: skip
-    notes.append(NOT_QUANTIZED_BY_DESIGN)
+    if warning:
+        notes.append("WARNING: " + warning)
+    if mode == "relu":
+        if acts:
+            notes.append("activation sites are the activation outputs (activation_sites='relu'"
+                         ", the reference code's ReLU/ReLU6 positions); activation memory is "
+                         "per sample")  # fmt: skip
+        notes.append(NOT_QUANTIZED_BY_DESIGN)
+    else:
+        notes.append("activation sites are every conv/linear input and every activation output "
+                     "(activation_sites='inputs'); activation memory is per sample")  # fmt: skip
+    notes.append("peak: the largest memory of the sites alive at once in one forward (ops "
+                 "between stored tensors fused), the arena a sequential runtime needs")  # fmt: skip
     return notes
 
 
@@ -343,7 +395,10 @@ def report(model: nn.Module, budget: Budget | None = None) -> Report:
     """
     layers = [_layer_row(n, m) for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear))]  # fmt: skip
-    acts = [_act_row(n, m) for n, m in model.named_modules() if isinstance(m, QuantAct)]
+    table = site_table(model)
+    all_sites = [_act_row(model, x) for x in (table.sites if table else [])]
+    acts = [a for a in all_sites if a.counted]
+    uncounted = [a for a in all_sites if not a.counted]
     if layers:
         layers[0] = dataclasses.replace(layers[0], first=True)
         layers[-1] = dataclasses.replace(layers[-1], last=True)
@@ -355,6 +410,13 @@ def report(model: nn.Module, budget: Budget | None = None) -> Report:
     w_kib = sum(r.kib for r in layers)
     a_float = [a.numel * FLOAT_BITS / BITS_PER_KIB for a in acts]
     imax = max(range(len(acts)), key=lambda i: acts[i].kib) if acts else None
+    peak_at, alive = activation_peak_step(model) or (None, [])
+    with torch.no_grad():
+        peak_kib = float(activation_bits(model, "peak")) / BITS_PER_KIB
+    peak_float = 0.0
+    if table is not None and table.counted:
+        fl = torch.tensor([float(s.numel * FLOAT_BITS) for s in table.counted])
+        peak_float = float((table.alive @ fl).max()) / BITS_PER_KIB
     totals = Totals(
         weight_kib=w_kib,
         weight_float_kib=w_float,
@@ -367,7 +429,13 @@ def report(model: nn.Module, budget: Budget | None = None) -> Report:
         macs=_total([r.macs for r in layers]),
         mul=_total([r.mul for r in layers]),
         add=_total([r.add for r in layers]),
+        activation_peak_kib=peak_kib,
+        activation_peak_float_kib=peak_float,
+        activation_peak_at=peak_at,
+        activation_peak_alive=list(alive),
     )
+    mode = table.mode if table else "relu"
+    warning = float_sites_warning(model, budget) if budget is not None else None
     return Report(
         layers=layers,
         activations=acts,
@@ -376,7 +444,9 @@ def report(model: nn.Module, budget: Budget | None = None) -> Report:
         first_layer=layers[0].name if layers else None,
         last_layer=layers[-1].name if layers else None,
         float_sites=float_sites,
-        notes=_notes(layers, acts, float_sites),
+        notes=_notes(layers, acts, float_sites, mode, warning),
+        uncounted=uncounted,
+        activation_sites=mode,
     )
 
 

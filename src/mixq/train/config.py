@@ -156,9 +156,10 @@ class BudgetConfig:
     activation_max: str | None = None
     lam: float = 0.1
     scale_lambda: bool = False
+    activation_peak: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("weight", "activation_sum", "activation_max"):
+        for name in ("weight", "activation_sum", "activation_max", "activation_peak"):
             value = getattr(self, name)
             if value is not None:
                 try:
@@ -217,7 +218,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         has_budget = any(
             v is not None
-            for v in (self.budget.weight, self.budget.activation_sum, self.budget.activation_max)
+            for v in (
+                self.budget.weight,
+                self.budget.activation_sum,
+                self.budget.activation_max,
+                self.budget.activation_peak,
+            )
         )
         if has_budget and self.quant is None:
             raise ConfigError("a memory budget needs a quantized model: set quant (not null)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixq.cost import Budget, scaled_lambda
+from mixq.cost import Budget, float_sites_warning, scaled_lambda
 from mixq.data import LoaderSpec, get_dataset
 from mixq.qat import param_groups
 from mixq.train.config import TrainConfig
@@ -71,9 +72,13 @@ def build_budget(cfg: TrainConfig, model: nn.Module) -> Budget:
     """The :class:`Budget` of ``cfg.budget``; lambda scaled by decision 7 when asked."""
     b = cfg.budget
     lam = scaled_lambda(model, b.lam) if b.scale_lambda else b.lam
-    budget = Budget.parse(b.weight, b.activation_sum, b.activation_max, lam)
+    budget = Budget.parse(b.weight, b.activation_sum, b.activation_max, lam,
+                          activation_peak=b.activation_peak)  # fmt: skip
     if budget.active:
         budget.check_feasible(model)
+        msg = float_sites_warning(model, budget)
+        if msg:  # before training: a budget "met" would not bound what the network stores
+            warnings.warn(msg, stacklevel=2)
     return budget
 
 
