@@ -58,25 +58,62 @@ def example_for(model: nn.Module, example_input: Tensor | None) -> Tensor:
 
 
 def _where(text: str) -> str:
-    """The user-code frames and the op named in a PyTorch error message."""
+    """The op named in a PyTorch error message and the user-code lines around it."""
     lines = [ln.strip() for ln in text.splitlines()]
-    frames = [ln for ln in lines if ln.startswith("File ") and "/torch/" not in ln]
-    ops = sorted(set(re.findall(r"\b(?:aten|prims|torch\.ops\.\w+)\.[\w.]+", text)))
-    out = []
-    if ops:
-        out.append("op: " + ", ".join(ops[:3]))
+    ops = list(dict.fromkeys(re.findall(r"\baten\.\w+(?:\.\w+)?", text)))
+    frames = list(dict.fromkeys(ln for ln in lines if ln.startswith("File ")
+                                and "/torch/" not in ln))  # fmt: skip
+    for i, ln in enumerate(lines):  # the graph dump: "# File: path:line in fn, code: ..."
+        if ops and ops[0] in ln:
+            code = [c for c in lines[:i] if c.startswith("# File:") and "/torch/" not in c]
+            frames = code[-1:] if code else frames
+            break
+    out = [f"op {ops[0]}"] if ops else []
     if frames:
-        out.append("at: " + " <- ".join(reversed(frames[-3:])))
+        out.append("at " + " <- ".join(reversed(frames[-3:])).lstrip("# "))
     return "; ".join(out)
 
 
-def _error(stage: str, model: nn.Module, e: Exception) -> ExportError:
-    text = str(e)
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+def _cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    return e
+
+
+def _locate(model: nn.Module, x: Tensor, dyn: Any, text: str) -> str:
+    """For a node that torch.onnx could not translate: its module and source line."""
+    found = re.search(r"translating node %(\w+)", text)
+    if not found:
+        return ""
+    try:
+        program = torch.export.export(model, (x,), dynamic_shapes=dyn, strict=False)
+        graph = program.run_decompositions().graph  # the graph that torch.onnx translates
+    except Exception:  # the capture itself worked once; be safe anyway
+        return ""
+    for n in graph.nodes:
+        if n.name == found.group(1):
+            stack = list((n.meta.get("nn_module_stack") or {}).values())
+            trace = [ln.strip() for ln in (n.meta.get("stack_trace") or "").splitlines()]
+            files = [ln for ln in trace if ln.startswith("File ") and "/torch/" not in ln]
+            path, cls = stack[-1] if stack else ("", type(model).__qualname__)
+            where = f"module {path!r} ({cls.rsplit('.', 1)[-1]}.forward)" if path else \
+                f"the forward of {cls.rsplit('.', 1)[-1]}"  # fmt: skip
+            return f"\nFile {files[-1][5:]}, {where}" if files else f"\nFile in {where}"
+    return ""
+
+
+def _error(stage: str, model: nn.Module, e: Exception, located: str = "") -> ExportError:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{e}\n{_cause(e)}{located}")
+    root = _cause(e)
+    first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
     where = _where(text)
     where = f" ({where})" if where else ""
-    return ExportError(f"{stage} failed on {type(model).__name__}: {type(e).__name__}: "
-                       f"{first[:300]}{where}. Fix: {_FIX}")  # fmt: skip
+    fix = _FIX
+    if "data-dependent" in text or "GuardOnDataDependent" in text:
+        fix = ("the forward branches on tensor values (if/while on data): make the condition a "
+               "Python value or use torch.cond; " + _FIX)  # fmt: skip
+    return ExportError(f"{stage} failed on {type(model).__name__}: {type(root).__name__}: "
+                       f"{first[:300]}{where}. Fix: {fix}")  # fmt: skip
 
 
 def capture(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
@@ -101,25 +138,42 @@ def _require_exporter() -> None:
 
 
 def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
-    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21) and record each storage type."""
+    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21) and record each storage type.
+
+    The codes initializer of a tensor is found from its node (``mixq.tensor`` metadata), not by
+    name: PyTorch's optimizer merges identical initializers and nodes (e.g. two all-zero
+    biases with one step); a merged tensor is recorded as ``"merged": true``.
+    """
     tp = onnx.TensorProto
     inits = {i.name: i for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    nodes = {p.value: n for n in proto.graph.node for p in n.metadata_props
+             if p.key == "mixq.tensor"}  # fmt: skip
+    done: set[str] = set()
     for name, rec in emitter.tensors.items():
-        key = rec.pop("initializer", None)
-        if key is None:
+        if rec.pop("initializer", None) is None:
             continue
+        node = nodes.get(name)
+        if node is None:  # an identical tensor's nodes compute it
+            rec["merged"] = True
+            continue
+        key = node.input[0] if node.op_type == "DequantizeLinear" else node.input[1]
+        if key not in inits and key in producer and producer[key].op_type == "Cast":
+            key = producer[key].input[0]  # pow-2: Gather(levels, Cast(codes))
         if key not in inits:
-            raise ExportError(f"{name}: its codes initializer {key!r} is missing from the file: {sorted(inits)[:8]}")
+            raise ExportError(f"{name}: the exporter folded its integer codes away; please "
+                              "report this with the model")  # fmt: skip
         init = inits[key]
-        codes = onnx.numpy_helper.to_array(init)
         signed = rec["kind"] == "uniform"
-        if rec["bits"] <= 4 and opset >= 21:
+        if rec["bits"] <= 4 and opset >= 21 and key not in done:
+            codes = onnx.numpy_helper.to_array(init)
             dtype = tp.INT4 if signed else tp.UINT4
             raw = pack_bits(codes.astype(np.int64), 4, signed)
             init.CopyFrom(onnx.helper.make_tensor(key, dtype, list(codes.shape), raw, raw=True))
             for vi in proto.graph.value_info:
                 if vi.name == key:
                     vi.type.tensor_type.elem_type = dtype
+        done.add(key)
         rec["storage"] = tp.DataType.Name(init.data_type)
 
 
@@ -207,7 +261,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
                                                  dynamic_shapes=dyn, verbose=False,
                                                  optimize=False)  # fmt: skip
             except Exception as e:  # torch.export / torch.onnx raise many types
-                raise _error("PyTorch's ONNX exporter", model, e) from e
+                located = _locate(model, x, dyn, f"{e}\n{_cause(e)}")
+                raise _error("PyTorch's ONNX exporter", model, e, located) from e
     finally:
         model.train(was_training)
     # PyTorch's default optimization would constant-fold DequantizeLinear(codes, d) back into
