@@ -366,6 +366,11 @@ def test_any_quantizer_site_is_exported_exactly(q, tmp_path):
     model = InputSite(q).eval()
     x = _x(64, 12) * 2  # crosses every level, both signs, and clips
     x[0, :8] = torch.tensor([0.125, -0.375, 0.625, 1.375, -1.375, 0.0, 2.9, -3.1])  # ties, clip
+    # pow-2 decision thresholds q_min 2^(j - 1/2) and the float32 values on either side
+    thr = np.float32([0.125 * 2 ** (j - 0.5) for j in range(5)])
+    near = np.concatenate([thr, np.nextafter(thr, np.inf), np.nextafter(thr, -np.inf)])
+    x[1:4, :5] = torch.from_numpy(near.reshape(3, 5))
+    x[4:7, :5] = -torch.from_numpy(near.reshape(3, 5))
     export(model, tmp_path / "s.onnx", "onnx", example_input=x[:1], ties="away")
     with torch.no_grad():
         ref = model(x).numpy()
