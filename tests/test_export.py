@@ -360,8 +360,9 @@ def test_hand_model_onnx_qonnx_and_folding(spec, tmp_path):
 
 @needs_onnx
 @pytest.mark.parametrize("q", [UniformQuantizer("d_qmax", signed=True, d=0.25, q_max=1.5),
+                               UniformQuantizer("d_qmax", signed=False, d=2**-8, q_max=3.0),
                                Pow2Quantizer("qmin_qmax", signed=True, q_min=0.125, q_max=2.0)],
-                         ids=["uniform", "pow2"])  # fmt: skip
+                         ids=["uniform", "uniform-10bit", "pow2"])  # fmt: skip
 def test_any_quantizer_site_is_exported_exactly(q, tmp_path):
     model = InputSite(q).eval()
     x = _x(64, 12) * 2  # crosses every level, both signs, and clips
@@ -377,10 +378,11 @@ def test_any_quantizer_site_is_exported_exactly(q, tmp_path):
     np.testing.assert_array_equal(_ort(tmp_path / "s.onnx", x), ref)
     proto = onnx.load(tmp_path / "s.onnx")
     assert list(json.loads(_meta(proto)["mixq.activations"])) == ["q"]
-    if q.kind == "uniform":  # signed codes: INT8 QuantizeLinear
+    if q.kind == "uniform":  # signed 3-bit codes: INT8; unsigned 10-bit (768 levels): UINT16
         (n,) = (n for n in proto.graph.node if n.op_type == "QuantizeLinear")
         zp = next(i for i in proto.graph.initializer if i.name == n.input[2])
-        assert zp.data_type == onnx.TensorProto.INT8
+        tp = onnx.TensorProto
+        assert zp.data_type == (tp.INT8 if q.signed else tp.UINT16)
 
 
 @needs_onnx
