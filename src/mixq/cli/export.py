@@ -33,7 +33,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="fold batch norms into the convs and re-quantize the folded weights",
     )
-    p.add_argument("--opset", type=int, help="ONNX opset (default: 21 onnx, 13 qonnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: 21 onnx, 18 qonnx)")
+    p.add_argument("--batch", default="default", metavar="N|dynamic",
+                   help="ONNX formats: batch dimension of the file: 'dynamic' (symbolic, the "
+                        "onnx default) or a fixed size N (qonnx default 1: the qonnx executor "
+                        "refuses a symbolic batch)")  # fmt: skip
     p.add_argument("--ties", choices=("even", "away"), default="even",
                    help="ONNX formats: activation ties x/d = m + 1/2 round half to even (plain "
                         "QDQ, default) or half away from zero as mixq (extra nodes)")  # fmt: skip
@@ -50,9 +54,17 @@ def run(args: argparse.Namespace) -> int:
     from mixq.train.build import load_model
 
     model, _ = load_model(args.checkpoint)
+    batch: int | str | None = args.batch
+    if batch == "dynamic":
+        batch = None
+    elif batch != "default":
+        try:
+            batch = int(batch)
+        except ValueError:
+            raise SystemExit(f"--batch {batch!r}: give 'dynamic' or a positive int") from None
     try:
         result = export(model, args.output, args.format, fold_bn=args.fold_bn,
-                        opset=args.opset, ties=args.ties)  # fmt: skip
+                        opset=args.opset, ties=args.ties, batch=batch)  # fmt: skip
     except ImportError as e:
         raise RuntimeError(str(e)) from e
     info = {
@@ -67,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"wrote {info['output']} ({result.format}): {result.file_bytes} bytes; weight memory "
-          f"{info['weight_bytes_report'] / 1024:.2f} KiB (float "
-          f"{info['float_weight_bytes'] / 1024:.2f} KiB)")  # fmt: skip
+    report = info["weight_bytes_report"]
+    print(f"wrote {info['output']} ({result.format}): file {result.file_bytes} bytes, report "
+          f"weight memory {report:.0f} bytes ({result.file_bytes / report:.3f}x; float "
+          f"{info['float_weight_bytes']:.0f} bytes)")  # fmt: skip
+    if result.format == "qonnx":
+        print("note: QONNX stores weights as float32 values followed by Quant nodes (its "
+              "convention), so its file is about 32/b times the report")  # fmt: skip
     if result.quantized_bytes is not None:
         print(f"bit-packed quantized tensors: {result.quantized_bytes} bytes")
     if result.fold:

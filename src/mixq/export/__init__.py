@@ -5,21 +5,23 @@
   whose outputs equal the fake-quantized model's bit for bit. The quantized payload is
   ``sum ceil(numel * b / 8)`` bytes: the weight memory of :func:`mixq.cost.weight_bits` up to
   one byte of padding per tensor.
-* ``"onnx"`` (:mod:`mixq.export.onnx_export`): standard ONNX (opset 21 by default) with integer
-  weight initializers (INT4/INT8/INT16 + ``DequantizeLinear``; pow-2 weights as codes + a
-  level-table ``Gather``) and ``Clip`` + QuantizeLinear/DequantizeLinear activations;
-  onnxruntime runs it.
-* ``"qonnx"`` (:mod:`mixq.export.qonnx_export`): QONNX ``Quant`` nodes for FINN-style flows
-  (float weight initializers followed by ``Quant``, as Brevitas writes them).
+* ``"onnx"`` and ``"qonnx"`` (:mod:`mixq.export.onnx_export`): the graph is captured by
+  PyTorch's own exporter (``torch.export`` + ``torch.onnx.export(..., dynamo=True)``), so every
+  op PyTorch exports is exported; each quantizer emits its own quantization nodes
+  (:mod:`mixq.export.quant_nodes`). ``onnx``: opset 21 QDQ with integer weight initializers
+  (INT4/INT8/INT16 + ``DequantizeLinear``; pow-2 weights as codes + a level-table ``Gather``)
+  and ``Clip`` + QuantizeLinear/DequantizeLinear activations, run by onnxruntime. ``qonnx``:
+  QONNX ``Quant`` nodes for FINN-style flows (float weight initializers followed by ``Quant``,
+  as Brevitas writes them), run by the ``qonnx`` package's executor.
 
 ONNX ``QuantizeLinear`` and QONNX ``Quant`` round activation ties ``x/d = m + 1/2`` half to even,
 mixq half away from zero; ``ties="away"`` adds the nodes that reproduce mixq exactly
-(:mod:`mixq.export.actops`). Behind a float batch norm ties are rare; after BN folding they are
-common (the pre-activations are exact sums of grid values).
+(:func:`mixq.export.quant_nodes.away_ties`). Behind a float batch norm ties are rare; after BN
+folding they are common (the pre-activations are exact sums of grid values).
 
 ``fold_bn=True`` first folds batch norms into the preceding convs and re-quantizes the folded
 weights (:mod:`mixq.export.fold`): the file then describes that folded model, not the training
-model. The ONNX formats need the optional ``onnx`` package (``pip install 'mixq[onnx]'``).
+model. The ONNX formats need the optional ``onnx`` extra (``pip install 'mixq[onnx]'``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def export(
     example_input: torch.Tensor | None = None,
     opset: int | None = None,
     ties: Literal["even", "away"] = "even",
+    batch: int | str | None = "default",
 ) -> ExportResult:
     """Export a quantized (``mixq.quantize_model``-converted) model to ``path``.
 
@@ -83,9 +86,11 @@ def export(
             :mod:`mixq.export.fold`); the export then matches the folded model.
         example_input: one input batch for shape recording (default: zeros of the model's
             ``default_input_shape``).
-        opset: ONNX opset (default 21 for ``onnx``, 13 for ``qonnx``).
+        opset: ONNX opset, >= 18 (default 21 for ``onnx``, 18 for ``qonnx``).
         ties: ONNX formats: how activation ties ``x/d = m + 1/2`` round: ``"even"`` (plain
             QuantizeLinear / Quant) or ``"away"`` (extra nodes, exactly as mixq).
+        batch: ONNX formats: ``None`` (symbolic batch dimension), an int (fixed), or
+            ``"default"``: symbolic for ``onnx``, the example input's batch for ``qonnx``.
 
     Returns:
         An :class:`ExportResult`.
@@ -98,7 +103,7 @@ def export(
     check_quantized(model)
     report: list[LayerFold] = []
     if fold_bn:
-        model, report = _fold_bn(model)
+        model, report = _fold_bn(model, example_input=example_input)
     was_training = model.training
     model.eval()
     path = Path(path)
@@ -107,14 +112,11 @@ def export(
         if format == "packed":
             shape = tuple(example_input.shape[1:]) if example_input is not None else None
             quantized = save_packed(model, path, input_shape=shape)["quantized_bytes"]
-        elif format == "onnx":
+        else:
             from mixq.export.onnx_export import export_onnx
 
-            export_onnx(model, path, example_input=example_input, opset=opset, ties=ties)
-        else:
-            from mixq.export.qonnx_export import export_qonnx
-
-            export_qonnx(model, path, example_input=example_input, opset=opset, ties=ties)
+            export_onnx(model, path, format=format, example_input=example_input, opset=opset,
+                        ties=ties, batch=batch)  # fmt: skip
     finally:
         model.train(was_training)
     bits = float(weight_bits(model).detach())

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixq.export.graph import trace
 from mixq.layers import QuantConv2d
 from mixq.quant.base import Quantizer
 from mixq.quant.registry import make_quantizer
@@ -59,18 +58,51 @@ def _range(q: Quantizer | None) -> dict[str, float]:
     return {"d": a, "q_max": b} if q.kind == "uniform" else {"q_min": a, "q_max": b}
 
 
-def _pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv, bn)`` module names where a BatchNorm2d consumes only a conv's output."""
-    gm = trace(model)
+_CONV = "aten.conv2d"
+_BN = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm")
+
+
+def _module(n: Any) -> str | None:
+    """The qualified name of the innermost module that called graph node ``n``."""
+    stack = n.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _pairs(model: nn.Module, example_input: torch.Tensor | None) -> list[tuple[str, str]]:
+    """``(conv, bn)`` module names where a BatchNorm2d consumes only a conv's output.
+
+    The graph comes from ``torch.export`` (quantizers as identities), so any model PyTorch can
+    capture is folded; a conv or batch norm module called more than once is left alone (one
+    folded weight cannot serve two calls).
+    """
+    from mixq.export.onnx_export import capture, example_for
+    from mixq.export.quant_nodes import plain_mode
+
+    x = example_for(model, example_input)
+    was_training = model.training
+    model.eval()
+    try:
+        with plain_mode(model), torch.no_grad():
+            graph = capture(model, x, dynamic_batch=False).graph
+    finally:
+        model.train(was_training)
     mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    nodes = [n for n in graph.nodes if n.op == "call_function"]
+    for n in nodes:
+        if str(n.target).startswith((_CONV, *_BN)) and _module(n) is not None:
+            calls[_module(n)] = calls.get(_module(n), 0) + 1
     out = []
-    for n in gm.graph.nodes:
-        if n.op != "call_module" or not isinstance(mods.get(n.target), nn.BatchNorm2d):
+    for n in nodes:
+        bn, src = _module(n), n.args[0] if n.args else None
+        if not (str(n.target).startswith(_BN) and isinstance(mods.get(bn), nn.BatchNorm2d)):
             continue
-        src = n.args[0]
-        if (getattr(src, "op", None) == "call_module" and isinstance(mods.get(src.target),
-                nn.Conv2d) and len(src.users) == 1):  # fmt: skip
-            out.append((src.target, n.target))
+        if getattr(src, "op", None) != "call_function" or not str(src.target).startswith(_CONV):
+            continue
+        conv = _module(src)
+        if isinstance(mods.get(conv), nn.Conv2d) and len(src.users) == 1 and \
+                calls[conv] == 1 and calls[bn] == 1:  # fmt: skip
+            out.append((conv, bn))
     return out
 
 
@@ -154,14 +186,17 @@ def _fold_one(conv: nn.Conv2d, bn: nn.BatchNorm2d, rec: LayerFold, bias_bits: in
     rec.bias_max_abs_err = float((out_b.double() - eff_b).abs().max())
 
 
-def fold_bn(model: nn.Module, *, inplace: bool = False,
-            bias_bits: int | None = 8) -> tuple[nn.Module, list[LayerFold]]:  # fmt: skip
+def fold_bn(model: nn.Module, *, inplace: bool = False, bias_bits: int | None = 8,
+            example_input: torch.Tensor | None = None,
+            ) -> tuple[nn.Module, list[LayerFold]]:  # fmt: skip
     """Fold every ``BatchNorm2d`` that directly follows a conv into it (module docstring).
 
     Args:
         model: a float or quantized model (its batch norms' running statistics are used).
         inplace: modify ``model`` itself instead of a deep copy.
         bias_bits: bitwidth of a newly created bias quantizer (None: keep new biases float).
+        example_input: one input batch for the graph capture (default: zeros of the model's
+            ``default_input_shape``).
 
     Returns:
         The folded model (BNs replaced by ``nn.Identity``; names listed in its attribute
@@ -170,7 +205,7 @@ def fold_bn(model: nn.Module, *, inplace: bool = False,
     if not inplace:
         model = copy.deepcopy(model)
     report = []
-    for conv_name, bn_name in _pairs(model):
+    for conv_name, bn_name in _pairs(model, example_input):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         rec = LayerFold(conv_name, bn_name)
         _fold_one(conv, bn, rec, bias_bits)

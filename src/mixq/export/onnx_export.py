@@ -1,30 +1,26 @@
-"""Standard ONNX (QDQ) export that onnxruntime runs.
+"""ONNX (QDQ) and QONNX files through PyTorch's own exporter.
 
-* **Uniform weights and biases**: the exact integer codes as an ``INT4`` (bitwidth <= 4,
-  opset >= 21; two codes per byte), ``INT8`` or ``INT16`` (opset >= 21) initializer, then
-  ``DequantizeLinear`` with the per-tensor scale ``d`` (zero point 0): ``d * code``, the
-  fake-quantized tensor bit for bit.
-* **Power-of-two weights**: the fields ``(s << m_bits) | m`` of :mod:`mixq.export.codes` as a
-  ``UINT4``/``UINT8``/``UINT16`` initializer, ``Cast`` to ``INT32`` and ``Gather`` from the table
-  of the ``2^b`` level values (exact powers of two): small files, exact values.
-* **Uniform activations** (a ``QuantAct``, which *is* the ReLU): ``Clip(x, 0, K d)``,
-  ``QuantizeLinear`` to ``UINT8`` (``UINT16`` when ``K > 255``, opset >= 21) and
-  ``DequantizeLinear``, ``K = round(min(cap, x_hi) / d)`` (``cap = 6`` for a ReLU6). ONNX
-  rounds ties half to even, mixq half away from zero: they differ only where ``x / d`` is
-  exactly ``m + 1/2``; ``ties="away"`` inserts :func:`mixq.export.actops.away_ties` to match
-  mixq exactly (at the price of a graph that QDQ-fusing runtimes no longer fuse).
-* **Power-of-two activations**: elementwise ops, ``e = Clip(Round(Log(a / q_min) / ln 2), 0,
-  L)`` and a ``Gather`` from ``[0, q_min, 2 q_min, ..., q_max]`` (zero below ``q_min/sqrt 2``).
-  ``Log`` is not ``log2``: an input within float rounding of a decision threshold ``q_min *
-  2^(e + 1/2)`` may land on the neighbouring level.
+The graph comes from ``torch.export`` and ``torch.onnx.export(..., dynamo=True)``: every op that
+PyTorch can export is exported. mixq contributes only the quantization nodes and the weight
+storage: inside :func:`mixq.export.quant_nodes.export_mode` each quantizer emits its own nodes
+(see there for the node groups of each format). After conversion the integer codes of tensors
+with at most 4 bits are narrowed to ``INT4``/``UINT4`` initializers (opset >= 21; two codes per
+byte, ONNX's narrowest integer type), PyTorch's per-node debug metadata is dropped, and the
+file records in ``metadata_props``: ``mixq.format``, ``mixq.tensors`` (per tensor: kind, bits,
+storage type, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.activations`` (per activation
+quantizer: kind, bitwidth, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.arch``,
+``mixq.rounding``, ``mixq.ties``. Quantization nodes also carry ``mixq.bitwidth`` and
+``mixq.activation``/``mixq.tensor`` in their own ``metadata_props``.
 
-``metadata_props``: ``mixq.tensors`` (per tensor: kind, bitwidth, stored bits and ONNX type,
-``d``/``k`` or ``q_min``/``q_max``/``L``/``exponent_min``), ``mixq.activations``, ``mixq.arch``,
-``mixq.rounding``, ``mixq.ties``.
+Batch: symbolic (``N``) by default for ``onnx``; ``batch=n`` fixes it (the ``qonnx`` executor
+refuses a symbolic batch, so ``qonnx`` defaults to the example input's batch size).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,95 +28,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mixq.export.actops import (
-    act_record,
-    away_ties,
-    check_ties,
-    code_value,
-    float_act,
-    pow2_act,
-    uniform_code_bound,
-)
 from mixq.export.bitpack import pack_bits
-from mixq.export.codes import decode, encode
-from mixq.export.emit import Backend, Emitter
-from mixq.export.errors import ExportError
-from mixq.export.graph import GraphBuilder, output_scale, shapes, trace
+from mixq.export.errors import ExportError, require_onnx
 from mixq.export.packed import check_quantized
-from mixq.layers import QuantAct
-from mixq.quant.base import Quantizer
+from mixq.export.quant_nodes import Emitter, export_mode
 
-DEFAULT_OPSET = 21
+DEFAULT_OPSET = {"onnx": 21, "qonnx": 18}
+MIN_OPSET = 18  # torch.onnx's dynamo exporter
 ROUNDING_NOTE = (
     "mixq rounds half away from zero; ONNX QuantizeLinear (and QONNX Quant ROUND) round half "
     "to even. Weights are stored as exact integer codes (no difference); an activation differs "
-    "only where x/d is exactly m + 1/2."
+    "only where x/d is exactly m + 1/2 (mixq.ties = away removes the difference)."
 )
-
-
-class QDQBackend:
-    """Integer initializers + ``DequantizeLinear`` (uniform) or ``Gather`` (pow-2) for weights,
-    ``Clip`` + QuantizeLinear/DequantizeLinear for uniform activations."""
-
-    def __init__(self, opset: int, ties: str = "even") -> None:
-        self.opset = opset
-        self.ties = check_ties(ties)
-        self.tensors: dict[str, Any] = {}
-        self.activations: dict[str, Any] = {}
-
-    def _int_type(self, b: GraphBuilder, bits: int, signed: bool) -> tuple[int, Any]:
-        tp = b.onnx.TensorProto
-        if bits <= 4 and self.opset >= 21:
-            return (tp.INT4, None) if signed else (tp.UINT4, None)
-        if bits <= 8:
-            return (tp.INT8, np.int8) if signed else (tp.UINT8, np.uint8)
-        if self.opset < 21:
-            raise ExportError(f"{bits}-bit codes need 16-bit integer tensors: use opset >= 21")
-        return (tp.INT16, np.dtype("<i2")) if signed else (tp.UINT16, np.dtype("<u2"))
-
-    def _codes(self, b: GraphBuilder, name: str, codes: np.ndarray, bits: int,
-               signed: bool) -> str:  # fmt: skip
-        dtype, npdt = self._int_type(b, bits, signed)
-        raw = pack_bits(codes, 4, signed) if npdt is None else codes.astype(npdt).tobytes()
-        proto = b.onnx.helper.make_tensor("codes", dtype, list(codes.shape), raw, raw=True)
-        self.tensors[name]["storage"] = b.onnx.TensorProto.DataType.Name(dtype)
-        return b.initializer(f"{name}_quantized", proto)
-
-    def weight(self, b: GraphBuilder, name: str, t: Tensor, q: Quantizer | None) -> str:
-        if q is None:
-            self.tensors[name] = {"kind": "float", "bits": 32}
-            return b.initializer(name, t.detach().float().cpu().numpy())
-        enc = encode(name, q, t)
-        self.tensors[name] = {k: v for k, v in enc.meta.items() if k != "quantizer"}
-        codes = self._codes(b, name, enc.codes, enc.bits, enc.signed)
-        if q.kind == "uniform":
-            scale = b.const(f"{name}_scale", enc.meta["d"])
-            return b.op("DequantizeLinear", [codes, scale], name)
-        # pow-2: the field (sign << m_bits | m) indexes a table of the 2^bits level values
-        fields = np.arange(1 << enc.bits)
-        valid = (fields & ((1 << enc.meta["m_bits"]) - 1)) <= enc.meta["L"] + enc.meta["with_zero"]
-        table = decode(enc.meta, np.where(valid, fields, 0), (fields.size,)).numpy()
-        idx = b.op("Cast", [codes], f"{name}_index", to=b.onnx.TensorProto.INT32)
-        return b.op("Gather", [b.initializer(f"{name}_levels", table), idx], name, axis=0)
-
-    def act(self, b: GraphBuilder, x: str, m: QuantAct, name: str) -> str:
-        self.activations[name] = act_record(m)
-        if m.quantizer is None:
-            return float_act(b, x, m, name)
-        if m.quantizer.kind == "pow2":
-            return pow2_act(b, x, m, name)
-        d, K = uniform_code_bound(m)
-        if K > 65535 or (K > 255 and self.opset < 21):
-            raise ExportError(f"{name}: activation codes up to {K} need UINT16 (opset >= 21)")
-        np_type = np.uint8 if K <= 255 else np.uint16
-        hi = b.const(f"{name}.hi", code_value(K, d))
-        y = b.op("Clip", [x, b.const("zero", 0.0), hi], f"{name}.clip")
-        if self.ties == "away":
-            y = away_ties(b, y, d, name)
-        scale = b.const(f"{name}.scale", d)
-        zp = b.initializer(f"{name}.zero_point", np.zeros((), dtype=np_type))
-        qx = b.op("QuantizeLinear", [y, scale, zp], f"{name}.quantized")
-        return b.op("DequantizeLinear", [qx, scale, zp], name)
+_FIX = (
+    "change that part of the model's forward to ops torch.export/torch.onnx support (or move it "
+    "out of the exported module); the packed format (format='packed') works on every model"
+)
 
 
 def example_for(model: nn.Module, example_input: Tensor | None) -> Tensor:
@@ -129,47 +52,236 @@ def example_for(model: nn.Module, example_input: Tensor | None) -> Tensor:
         return example_input.detach().float().cpu()
     shape = getattr(model, "default_input_shape", None)
     if shape is None:
-        raise ExportError("pass example_input=... (the model has no default_input_shape)")
+        raise ExportError(f"pass example_input=... ({type(model).__name__} has no "
+                          "default_input_shape)")  # fmt: skip
     return torch.zeros(1, *shape)
 
 
-def build_model(model: nn.Module, builder: GraphBuilder, backend: Backend,
-                example_input: Tensor | None) -> Any:  # fmt: skip
-    """Trace ``model``, emit it through ``backend`` and return the checked ``ModelProto``."""
-    check_quantized(model)
-    x = example_for(model, example_input)
-    scale = output_scale(model)
-    gm = trace(model)
-    shapes(gm, x)
-    inputs, outputs = Emitter(gm, builder, backend, scale).run(tuple(x.shape))
-    arch = getattr(model, "mixq_arch", None)
-    if arch is not None:
-        builder.metadata["mixq.arch"] = arch
-    builder.metadata["mixq.rounding"] = ROUNDING_NOTE
-    builder.metadata["mixq.ties"] = backend.ties
-    return builder.model(inputs, outputs, type(model).__name__)
+def _where(text: str) -> str:
+    """The op named in a PyTorch error message and the user-code lines around it."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    ops = list(dict.fromkeys(re.findall(r"\baten\.\w+(?:\.\w+)?", text)))
+    frames = list(dict.fromkeys(ln for ln in lines if ln.startswith("File ")
+                                and "/torch/" not in ln))  # fmt: skip
+    for i, ln in enumerate(lines):  # the graph dump: "# File: path:line in fn, code: ..."
+        if ops and ops[0] in ln:
+            code = [c for c in lines[:i] if c.startswith("# File:") and "/torch/" not in c]
+            frames = code[-1:] if code else frames
+            break
+    out = [f"op {ops[0]}"] if ops else []
+    if frames:
+        out.append("at " + " <- ".join(reversed(frames[-3:])).lstrip("# "))
+    return "; ".join(out)
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, example_input: Tensor | None = None,
-                opset: int | None = None, ties: str = "even") -> Any:  # fmt: skip
-    """Write ``model`` as a QDQ ONNX file (module docstring); returns the ``ModelProto``.
+def _cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    return e
+
+
+def _locate(model: nn.Module, x: Tensor, dyn: Any, text: str) -> str:
+    """For a node that torch.onnx could not translate: its module and source line."""
+    found = re.search(r"translating node %(\w+)", text)
+    if not found:
+        return ""
+    try:
+        program = torch.export.export(model, (x,), dynamic_shapes=dyn, strict=False)
+        graph = program.run_decompositions().graph  # the graph that torch.onnx translates
+    except Exception:  # the capture itself worked once; be safe anyway
+        return ""
+    for n in graph.nodes:
+        if n.name == found.group(1):
+            stack = list((n.meta.get("nn_module_stack") or {}).values())
+            trace = [ln.strip() for ln in (n.meta.get("stack_trace") or "").splitlines()]
+            files = [ln for ln in trace if ln.startswith("File ") and "/torch/" not in ln]
+            path, cls = stack[-1] if stack else ("", type(model).__qualname__)
+            where = f"module {path!r} ({cls.rsplit('.', 1)[-1]}.forward)" if path else \
+                f"the forward of {cls.rsplit('.', 1)[-1]}"  # fmt: skip
+            return f"\nFile {files[-1][5:]}, {where}" if files else f"\nFile in {where}"
+    return ""
+
+
+def _error(stage: str, model: nn.Module, e: Exception, located: str = "") -> ExportError:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{e}\n{_cause(e)}{located}")
+    root = _cause(e)
+    first = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), type(root).__name__)
+    where = _where(text)
+    where = f" ({where})" if where else ""
+    fix = _FIX
+    if "data-dependent" in text or "GuardOnDataDependent" in text:
+        fix = ("the forward branches on tensor values (if/while on data): make the condition a "
+               "Python value or use torch.cond; " + _FIX)  # fmt: skip
+    return ExportError(f"{stage} failed on {type(model).__name__}: {type(root).__name__}: "
+                       f"{first[:300]}{where}. Fix: {fix}")  # fmt: skip
+
+
+def capture(model: nn.Module, x: Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
+    """``torch.export.export(model, (x,))`` (non-strict; batch dimension symbolic when asked),
+    with an :class:`ExportError` naming the op and the place when PyTorch cannot capture it."""
+    dyn = ({0: torch.export.Dim("N")},) if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, (x,), dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # torch.export raises many types
+        raise _error("torch.export (graph capture)", model, e) from e
+
+
+def _require_exporter() -> None:
+    require_onnx()
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("ONNX export needs the 'onnxscript' package (PyTorch's ONNX "
+                          "exporter): pip install 'mixq[onnx]'") from e  # fmt: skip
+
+
+def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
+    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21) and record each storage type.
+
+    The codes initializer of a tensor is found from its node (``mixq.tensor`` metadata), not by
+    name: PyTorch's optimizer merges identical initializers and nodes (e.g. two all-zero
+    biases with one step); a merged tensor is recorded as ``"merged": true``.
+    """
+    tp = onnx.TensorProto
+    inits = {i.name: i for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    nodes = {p.value: n for n in proto.graph.node for p in n.metadata_props
+             if p.key == "mixq.tensor"}  # fmt: skip
+    done: set[str] = set()
+    for name, rec in emitter.tensors.items():
+        if rec.pop("initializer", None) is None:
+            continue
+        node = nodes.get(name)
+        if node is None:  # an identical tensor's nodes compute it
+            rec["merged"] = True
+            continue
+        key = node.input[0] if node.op_type == "DequantizeLinear" else node.input[1]
+        if key not in inits and key in producer and producer[key].op_type == "Cast":
+            key = producer[key].input[0]  # pow-2: Gather(levels, Cast(codes))
+        if key not in inits:
+            raise ExportError(f"{name}: the exporter folded its integer codes away; please "
+                              "report this with the model")  # fmt: skip
+        init = inits[key]
+        signed = rec["kind"] == "uniform"
+        if rec["bits"] <= 4 and opset >= 21 and key not in done:
+            codes = onnx.numpy_helper.to_array(init)
+            dtype = tp.INT4 if signed else tp.UINT4
+            raw = pack_bits(codes.astype(np.int64), 4, signed)
+            init.CopyFrom(onnx.helper.make_tensor(key, dtype, list(codes.shape), raw, raw=True))
+            for vi in proto.graph.value_info:
+                if vi.name == key:
+                    vi.type.tensor_type.elem_type = dtype
+        done.add(key)
+        rec["storage"] = tp.DataType.Name(init.data_type)
+
+
+def _strip_debug(proto: Any, keep_shapes: bool) -> None:
+    """Drop PyTorch's per-node debug metadata (stack traces, fx nodes): it doubles the file;
+    and the intermediate shapes unless ``keep_shapes`` (the qonnx executor needs them)."""
+
+    def keep(props: Any) -> None:
+        kept = [(p.key, p.value) for p in props if p.key.startswith("mixq.")]
+        del props[:]
+        for k, v in kept:
+            props.add(key=k, value=v)
+
+    graphs = [proto.graph]
+    for g in graphs:
+        for n in g.node:
+            keep(n.metadata_props)
+            graphs += [a.g for a in n.attribute if a.HasField("g")]
+        for vi in (*g.input, *g.output, *g.value_info):
+            keep(vi.metadata_props)
+        for init in g.initializer:
+            keep(init.metadata_props)
+        if not keep_shapes:
+            del g.value_info[:]  # onnxruntime infers them
+        del g.metadata_props[:]  # the exported program's text
+        for i, n in enumerate(g.node):
+            n.name = f"{n.op_type}_{i}"
+
+
+def _set_batch(proto: Any, batch: int | None) -> None:
+    for vi in (*proto.graph.input, *proto.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims:
+            if batch is None:
+                dims[0].dim_param = "N"
+            else:
+                dims[0].dim_value = batch
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
+                example_input: Tensor | None = None, opset: int | None = None,
+                ties: str = "even", batch: int | str | None = "default") -> Any:  # fmt: skip
+    """Write ``model`` as an ONNX (QDQ) or QONNX file (module docstring); returns the proto.
 
     Args:
-        model: a quantized model, in eval mode.
+        model: a quantized model (``mixq.quantize_model``); exported in eval mode.
         path: output file.
-        example_input: one batch for shape recording (default: zeros of
-            ``model.default_input_shape``); the batch dimension is symbolic in the file.
-        opset: default-domain opset, 13..; 21 (the default) or newer for INT4/INT16 tensors.
-        ties: ``"even"`` (plain QDQ: ONNX rounds activation ties half to even) or ``"away"``
-            (extra nodes make activation ties round half away from zero, as mixq).
+        format: ``"onnx"`` (QDQ, onnxruntime) or ``"qonnx"`` (``Quant`` nodes, FINN/qonnx).
+        example_input: one batch for the capture (default: zeros of
+            ``model.default_input_shape``).
+        opset: default-domain opset (>= 18; default 21 for ``onnx`` (INT4/INT16 need it), 18
+            for ``qonnx``).
+        ties: ``"even"`` (plain QuantizeLinear/Quant: activation ties round half to even) or
+            ``"away"`` (ties round half away from zero, as mixq).
+        batch: ``None`` for a symbolic batch dimension, an int to fix it; ``"default"``: symbolic
+            for ``onnx``, the example input's batch for ``qonnx``.
     """
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    if opset < 13:
-        raise ExportError(f"opset {opset} is too old; use 13 or newer (21 for INT4/INT16)")
-    builder = GraphBuilder(opset)
-    backend = QDQBackend(opset, ties)
-    builder.metadata.update({"mixq.format": "onnx-qdq", "mixq.tensors": backend.tensors,
-                             "mixq.activations": backend.activations})  # fmt: skip
-    proto = build_model(model, builder, backend, example_input)
+    if format not in DEFAULT_OPSET:
+        raise ExportError(f"unknown ONNX format {format!r}; valid: {list(DEFAULT_OPSET)}")
+    _require_exporter()
+    import onnx
+    import onnxscript.optimizer
+
+    check_quantized(model)
+    opset = DEFAULT_OPSET[format] if opset is None else int(opset)
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: PyTorch's ONNX exporter needs {MIN_OPSET} "
+                          "or newer (21 for INT4 weights and 16-bit activations)")  # fmt: skip
+    x = example_for(model, example_input)
+    if batch == "default":
+        batch = None if format == "onnx" else int(x.shape[0])
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise ExportError(f"batch={batch!r} must be a positive int or None (symbolic)")
+    n = 2 if batch is None else batch  # torch.export specializes a batch of 1
+    x = x[:1].expand(n, *x.shape[1:]).contiguous()
+    emitter = Emitter(format, opset, ties)
+    was_training = model.training
+    model.eval()
+    try:
+        with export_mode(model, emitter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dyn = ({0: torch.export.Dim("N")},) if batch is None else None
+            try:
+                onnx_program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset,
+                                                 dynamic_shapes=dyn, verbose=False,
+                                                 optimize=False)  # fmt: skip
+            except Exception as e:  # torch.export / torch.onnx raise many types
+                located = _locate(model, x, dyn, f"{e}\n{_cause(e)}")
+                raise _error("PyTorch's ONNX exporter", model, e, located) from e
+    finally:
+        model.train(was_training)
+    # PyTorch's default optimization would constant-fold DequantizeLinear(codes, d) back into
+    # float weights; folding only ops on scalars keeps the integer storage
+    onnxscript.optimizer.optimize_ir(onnx_program.model, input_size_limit=1)
+    proto = onnx_program.model_proto
+    _narrow_codes(onnx, proto, emitter, opset)
+    _strip_debug(proto, keep_shapes=format == "qonnx")
+    _set_batch(proto, batch)
+    meta = {"mixq.format": "onnx-qdq" if format == "onnx" else "qonnx",
+            "mixq.tensors": emitter.tensors, "mixq.activations": emitter.activations,
+            "mixq.rounding": ROUNDING_NOTE, "mixq.ties": ties}  # fmt: skip
+    if getattr(model, "mixq_arch", None) is not None:
+        meta["mixq.arch"] = model.mixq_arch
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value if isinstance(value, str) else
+                                 json.dumps(value, separators=(",", ":")))  # fmt: skip
+    proto.producer_name = "mixq"
+    onnx.checker.check_model(proto)
     Path(path).write_bytes(proto.SerializeToString())
     return proto

@@ -60,8 +60,14 @@ from mixq.cost import weight_bits
 from mixq.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from mixq.export.codes import build_quantizer, decode, encode, quantizer_spec
 from mixq.export.errors import ExportError, PackedFormatError
-from mixq.export.graph import output_scale
-from mixq.layers import ACTIVATIONS, QuantAct, QuantConv2d, QuantLinear, add_logit_scale
+from mixq.layers import (
+    ACTIVATIONS,
+    QuantAct,
+    QuantConv2d,
+    QuantLinear,
+    add_logit_scale,
+    scale_logits,
+)
 from mixq.models import create_model
 from mixq.quant.base import Quantizer
 
@@ -70,6 +76,23 @@ FORMAT = "mixq-packed"
 VERSION = 1
 _HEADER = struct.Struct("<8sIIQ")
 _ZLIB = 1
+
+
+def output_scale(model: nn.Module) -> torch.Tensor | None:
+    """The ``logit_scale`` that :func:`mixq.layers.add_logit_scale` applies through a forward
+    hook (None without one). Any other hook raises: the packed file would silently drop it."""
+    scale = None
+    for name, m in model.named_modules():
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        for h in hooks:
+            if m is model and h is scale_logits:
+                scale = model.logit_scale.detach().float().cpu()
+                continue
+            raise ExportError(
+                f"module {name or type(model).__name__!r} has a forward hook ({h!r}) that the "
+                "packed format cannot reproduce; remove it before exporting"
+            )
+    return scale
 
 
 def check_quantized(model: nn.Module) -> None:
