@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
 }
 
 #: Modules imported inside a function because they need an optional extra (onnx).
-OPTIONAL = {"mixq.export.onnx_export", "mixq.export.qonnx_export"}
+OPTIONAL = {"mixq.export.onnx_export", "mixq.export.qonnx_export", "mixq.export.quant_nodes"}
 
 
 def _unit(path: Path) -> str:
