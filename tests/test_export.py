@@ -34,6 +34,8 @@ from mixq.export.bitpack import code_range, unpack_bits
 from mixq.layers import QuantAct, QuantLinear
 from mixq.models import mobilenet_v2, resnet20, smallcnn
 from mixq.quant import Pow2Quantizer, UniformQuantizer
+from zoo import SHAPES as ZOO_SHAPES
+from zoo import Functional
 
 try:  # the ONNX tests need the optional extra mixq[onnx]; the packed format does not
     import onnx
@@ -138,6 +140,44 @@ def test_payload_is_the_weight_memory_and_codes_fit(which, request, tmp_path):
             assert np.abs(codes).max() <= e["k"]
         else:
             assert (codes & ((1 << e["m_bits"]) - 1)).max() <= e["L"]
+
+
+@pytest.mark.parametrize("mode", ["relu", "inputs"])
+@pytest.mark.parametrize("cls", list(ZOO_SHAPES), ids=lambda c: c.__name__)
+def test_packed_reload_keeps_every_activation_site(cls, mode, tmp_path):
+    """Functional ReLUs quantized at their reader, ``QuantOut`` sites and shared input
+    quantizers come back: same outputs bit for bit, same site table and memory."""
+    from mixq.cost import activation_bits
+    from mixq.layers import QuantOut, input_quantizer
+    from mixq.sites import table_of
+
+    torch.manual_seed(3)
+    x = torch.randn(2, *ZOO_SHAPES[cls])
+    model = quantize_model(cls(), QuantConfig(activation_sites=mode), example_input=x[:1]).eval()
+    g = torch.Generator().manual_seed(4)
+    for _, q in quantizers(model):  # away from the initial values, so a default would differ
+        for p in q.parameters():
+            p.data.mul_(0.7 + 0.6 * torch.rand((), generator=g))
+        q.constrain_()
+    export(model, tmp_path / "m.mxq", example_input=x[:1])
+    loaded = load_packed(tmp_path / "m.mxq", model=cls())
+    assert _same(model, loaded, x)
+    readers = [n for n, m in model.named_modules() if input_quantizer(m) is not None]
+    assert readers == [n for n, m in loaded.named_modules() if input_quantizer(m) is not None]
+    outs = [n for n, m in model.named_modules() if isinstance(m, QuantOut)]
+    assert outs == [n for n, m in loaded.named_modules() if isinstance(m, QuantOut)]
+    assert (mode == "inputs" or cls is Functional) == bool(readers or outs)
+    groups = {id(input_quantizer(loaded.get_submodule(n))) for n in readers}
+    assert len(groups) == len({id(input_quantizer(model.get_submodule(n))) for n in readers})
+    old, new = table_of(model), table_of(loaded)
+    assert [(s.name, s.numel, s.counted) for s in old.sites] == [
+        (s.name, s.numel, s.counted) for s in new.sites
+    ]
+    assert [s.quantizer.bitwidth if s.quantizer else None for s in old.sites] == [
+        s.quantizer.bitwidth if s.quantizer else None for s in new.sites
+    ]
+    for how in ("sum", "max", "peak"):
+        assert activation_bits(model, how).item() == activation_bits(loaded, how).item()
 
 
 def test_b_qmax_overflow_is_stored_with_one_more_bit(tmp_path):
@@ -322,6 +362,24 @@ def test_onnxruntime_parity_on_the_zoo(which, request, tmp_path):
         stored = sum(p.numel() * width[tensors[n]["storage"]] for n, p in model.named_parameters()
                      if n in tensors) / 8  # fmt: skip
         assert stored < res.file_bytes < stored + 50_000  # + float BNs (14 KB), graph, metadata
+
+
+@needs_onnx
+@pytest.mark.parametrize("cls", list(ZOO_SHAPES), ids=lambda c: c.__name__)
+def test_onnx_of_every_site_equals_the_model(cls, tmp_path):
+    """``activation_sites="inputs"``: layer-input quantizers and ``QuantOut`` sites are in the
+    ONNX file (one node each, with its bitwidth), and ``ties="away"`` gives mixq's outputs."""
+    torch.manual_seed(5)
+    x = torch.randn(3, *ZOO_SHAPES[cls])
+    model = quantize_model(cls(), QuantConfig(activation_sites="inputs"), example_input=x[:1])
+    model.eval()
+    export(model, tmp_path / "m.onnx", "onnx", example_input=x[:1], ties="away")
+    proto = onnx.load(tmp_path / "m.onnx")
+    with torch.no_grad():
+        assert np.array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
+    acts = _act_quantizers(model)
+    assert {k: v["bitwidth"] for k, v in json.loads(_meta(proto)["mixq.activations"]).items()} \
+        == acts  # fmt: skip
 
 
 @needs_onnx
