@@ -58,6 +58,10 @@ _REPRODUCED: dict[type[Quantizer], tuple[str, ...]] = {
     Pow2Quantizer: ("derived", "bitwidth_surrogate", "_clip", "constrain_", "clip_grad_"),
 }  # fmt: skip
 
+#: The parametrizations whose formulas :class:`_Group` implements.
+_FORMULAS = ("uniform/b_d", "uniform/b_qmax", "uniform/d_qmax", "pow2/b_qmax", "pow2/b_qmin",
+             "pow2/qmin_qmax")  # fmt: skip
+
 #: Attributes that change a quantizer's semantics beyond this module's formulas when not None.
 _UNSUPPORTED_ATTRIBUTES = ("bit_set",)
 
@@ -65,7 +69,8 @@ _UNSUPPORTED_ATTRIBUTES = ("bit_set",)
 def batchable(q: Quantizer) -> bool:
     """Whether ``q``'s scalar work is exactly what this module computes in batch.
 
-    True for :class:`UniformQuantizer` and :class:`Pow2Quantizer` and subclasses that override
+    True for :class:`UniformQuantizer` and :class:`Pow2Quantizer` of the six parametrizations
+    of spec 1.3 / 2.3, and their subclasses that override
     none of the reproduced methods (``derived``, ``bitwidth_surrogate``, ``constrain_``,
     ``clip_grad_``, ...; on the class or the instance) and set no ``bit_set``; every other
     quantizer keeps its own methods. Looked at when the groups are built (see
@@ -75,7 +80,9 @@ def batchable(q: Quantizer) -> bool:
         return False
     cls = type(q)
     base = next((c for c in _REPRODUCED if issubclass(cls, c)), None)
-    return base is not None and all(
+    if base is None or f"{base.kind}/{q.parametrization}" not in _FORMULAS:
+        return False
+    return all(
         getattr(cls, name) is getattr(base, name) and name not in q.__dict__
         for name in _REPRODUCED[base]
     )
