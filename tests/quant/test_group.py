@@ -221,7 +221,7 @@ def test_overridden_or_extended_quantizers_keep_their_own_path():
     assert not batchable(a) and not batchable(b) and not batchable(c) and batchable(plain)
     assert groups.solo == [0, 1, 2] and groups.batched == [plain]
     groups.constrain_()
-    assert float(a.q_max) == 0.5 and float(plain.q_max) == 3.0
+    assert a.q_max.item() == 0.5 and plain.q_max.item() == 3.0
     assert [q for q, _, _ in groups.derived()] == [plain]
     assert _same(groups.bitwidths(), torch.stack([q.bitwidth_surrogate() for q in (a, b, c,
                                                                                    plain)]))
