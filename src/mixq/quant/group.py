@@ -508,6 +508,8 @@ class SharedDerived:
 
     def after(self, module: nn.Module, args: tuple, output: object) -> None:
         """The forward hook (``always_call``)."""
+        if _tracing():  # nothing was handed over (and no side effect for the compiler)
+            return
         for q in self.groups.quantizers:
             q.__dict__.pop(SHARED, None)
 
