@@ -11,7 +11,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_baseline_tree_loads_apart_and_runs(capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends its folders
-    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # and adds mixq_baseline
     spec = importlib.util.spec_from_file_location("step_time_ab", ROOT / "benchmarks" /
                                                   "step_time_ab.py")  # fmt: skip
     ab = importlib.util.module_from_spec(spec)
@@ -23,3 +22,5 @@ def test_baseline_tree_loads_apart_and_runs(capsys, monkeypatch):
     base = sys.modules["mixq_baseline"]
     assert Path(base.__file__).parent.name == "mixq_baseline"
     assert "mixq_baseline.quant" in sys.modules  # its own quantizers, not this tree's
+    for name in [n for n in sys.modules if n.startswith(("mixq_baseline", "step_time"))]:
+        del sys.modules[name]  # leave no second mixq behind for the other tests
