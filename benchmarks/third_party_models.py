@@ -104,7 +104,8 @@ def _hf_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
         "vit": (T.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2,
                             num_attention_heads=2, intermediate_size=128, num_labels=10),
                 T.ViTForImageClassification, 32),
-        "convnext": (T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10),
+        "convnext": (T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
+                                      num_labels=10),
                      T.ConvNextForImageClassification, 64),
     }  # fmt: skip
     return [(f"hf.{k}", cls(cfg).eval(), (3, r, r)) for k, (cfg, cls, r) in cfgs.items()]

@@ -474,14 +474,22 @@ def test_qonnx_structure_executor_and_fixed_batch(tmp_path):
 
 
 @needs_onnx
-def test_file_size_is_the_report(tmp_path):
-    """More than 100 KB of 4-bit weights: the ONNX file is at most 1.15x the report."""
+@pytest.mark.parametrize("which", ["4bit", "2bit"])
+def test_file_size_is_the_report(which, tmp_path):
+    """More than 100 KB of 4-bit weights (2-bit at opset 25): the ONNX file is at most 1.15x
+    the report; 2-bit tensors are stored as INT2 from opset 25, as INT4 before."""
     mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 128), nn.ReLU(),
                         nn.Linear(128, 10))  # fmt: skip
-    model = quantize_model(mlp, QuantConfig(input_shape=(784,))).eval()
-    res = export(model, tmp_path / "m.onnx", "onnx", example_input=_x(1, 784), ties="away")
+    bits, opset = (4, 21) if which == "4bit" else (2, 25)
+    cfg = QuantConfig(input_shape=(784,), weight=SiteConfig(bits=bits))
+    model = quantize_model(mlp, cfg).eval()
+    res = export(model, tmp_path / "m.onnx", "onnx", example_input=_x(1, 784), ties="away",
+                 opset=opset)  # fmt: skip
     report = res.weight_bits / 8
-    assert report > 100_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    assert report > 50_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    tensors = json.loads(_meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"])
+    want = {(2, 25): "INT2", (4, 21): "INT4"}[(bits, opset)]
+    assert {t["storage"] for n, t in tensors.items() if n.endswith("weight")} == {want}
     x = _x(4, 784, grid=True)  # exact sums: ORT equals PyTorch bit for bit with ties="away"
     with torch.no_grad():
         np.testing.assert_array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
