@@ -382,6 +382,36 @@ def test_onnx_of_every_site_equals_the_model(cls, tmp_path):
         == acts  # fmt: skip
 
 
+class SignedHead(nn.Module):
+    """A signed activation (hard-swish, tanh) flattened into a classifier, as MobileNetV3."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(3, 8, 3), act, nn.Linear(8 * 36, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).flatten(1).unsqueeze(1).transpose(1, 2)[..., 0])
+
+
+@needs_onnx
+@pytest.mark.parametrize("opset", [18, 21, 25])
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Tanh, nn.ReLU6])
+def test_signed_activation_before_a_view_runs_in_onnxruntime(act, opset, tmp_path):
+    """onnxruntime's QDQ propagation breaks ``DequantizeLinear(INT8) -> Reshape`` (opset >= 21):
+    the exporter puts the pair after the views, and the file loads with every optimization."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    model = quantize_model(SignedHead(act()), QuantConfig(activation_sites="inputs"),
+                           example_input=x[:1]).eval()  # fmt: skip
+    export(model, tmp_path / "m.onnx", "onnx", example_input=x[:1], ties="away", opset=opset)
+    proto = onnx.load(tmp_path / "m.onnx")
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    views = [n for n in proto.graph.node if n.op_type in ("Reshape", "Flatten", "Transpose",
+                                                             "Squeeze", "Unsqueeze")]  # fmt: skip
+    assert views and all(producer[v.input[0]].op_type != "DequantizeLinear" for v in views)
+    with torch.no_grad():  # _ort: onnxruntime's default session, ORT_ENABLE_ALL
+        assert np.array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
+
+
 @needs_onnx
 def test_folded_onnx_with_exact_ties_equals_folded_model(r20_mixed, tmp_path):
     folded, report = fold_bn(r20_mixed)

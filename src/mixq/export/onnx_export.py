@@ -189,6 +189,53 @@ def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
         rec["storage"] = tp.DataType.Name(init.data_type)
 
 
+#: Ops that only move elements: a per-tensor Quantize/DequantizeLinear pair commutes with them.
+_VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+
+
+def _qdq_after_views(onnx: Any, proto: Any) -> None:
+    """Move every activation ``QuantizeLinear -> DequantizeLinear`` pair that feeds a view op
+    (Reshape, Flatten, Squeeze, Unsqueeze, Transpose) to the view's output.
+
+    Exact, since a per-tensor pair is elementwise and a view only moves elements; and needed,
+    because onnxruntime's QDQ propagation (its default ``ORT_ENABLE_ALL`` optimizations,
+    1.32) rewrites ``DequantizeLinear(INT8) -> Reshape`` into an invalid graph (``output_dtype
+    INT8 does not match y_zero_point type UINT8``, cf. microsoft/onnxruntime#27845): a signed
+    activation before a flatten (hard-swish or tanh, then a classifier) would not load.
+    A pair whose output has no reader left is removed.
+    """
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    nodes = []
+    for n in g.node:
+        dq = producer.get(n.input[0]) if n.op_type in _VIEW_OPS and n.input else None
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
+            else None  # fmt: skip
+        if q is None or q.op_type != "QuantizeLinear":
+            nodes.append(n)
+            continue
+        out = n.output[0]
+        n.input[0], n.output[0] = q.input[0], f"{out}__float"
+        new_q = onnx.helper.make_node("QuantizeLinear", [n.output[0], *q.input[1:]],
+                                      [f"{out}__q"], name=f"{n.name}__q")  # fmt: skip
+        new_dq = onnx.helper.make_node("DequantizeLinear", [new_q.output[0], *dq.input[1:]],
+                                       [out], name=f"{n.name}__dq")  # fmt: skip
+        for old, copy in ((q, new_q), (dq, new_dq)):
+            copy.attribute.extend(old.attribute)
+            copy.metadata_props.extend(old.metadata_props)
+        producer.update({n.output[0]: n, new_q.output[0]: new_q, out: new_dq})
+        nodes += [n, new_q, new_dq]
+    while True:  # drop the pairs nothing reads any more (a DQ first, then its Q)
+        read = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+        kept = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                or any(o in read for o in n.output)]  # fmt: skip
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def _strip_debug(proto: Any, keep_shapes: bool) -> None:
     """Drop PyTorch's per-node debug metadata (stack traces, fx nodes): it doubles the file;
     and the intermediate shapes unless ``keep_shapes`` (the qonnx executor needs them)."""
@@ -282,6 +329,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
     onnxscript.optimizer.optimize_ir(onnx_program.model, input_size_limit=1)
     proto = onnx_program.model_proto
     _narrow_codes(onnx, proto, emitter, opset)
+    if format == "onnx":
+        _qdq_after_views(onnx, proto)
     _strip_debug(proto, keep_shapes=format == "qonnx")
     _set_batch(proto, batch)
     meta = {"mixq.format": "onnx-qdq" if format == "onnx" else "qonnx",
