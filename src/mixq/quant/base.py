@@ -119,6 +119,8 @@ class Quantizer(nn.Module):
         self.bit_set = check_bit_set(bit_set, bounds, f"{self.kind}/{parametrization}")
         #: the bitwidth held by the projection after :meth:`freeze_bits_` (None: learned)
         self.frozen_bits: int | None = None
+        #: U3/P3 frozen: the held step ``d_q`` / smallest magnitude ``x_min``
+        self.held_scale: float | None = None
         given = {k: v for k, v in values.items() if v is not None}
         extra = sorted(set(given) - set(self.param_names))
         if extra:
@@ -215,10 +217,12 @@ class Quantizer(nn.Module):
 
         Per parametrization, what still trains (the projection :meth:`constrain_` holds the
         rest): U1 ``b_d``: ``d``; U2 ``b_qmax``: ``q_max`` (the step follows); P1 ``b_qmin``:
-        ``q_min``; P2 ``b_qmax``: ``q_max`` (``b`` is reset to ``bits`` after every step);
-        U3 ``d_qmax``: ``d``, and ``q_max`` within the levels ``k = round(q_max / d_q)`` that
-        give ``bits``; P3 ``qmin_qmax``: ``q_min``, and ``q_max`` within the exponent spans
-        ``L`` that give ``bits``.
+        ``q_min``; P2 ``b_qmax``: ``q_max`` (``b`` is reset to ``bits`` after every step).
+        U3 ``d_qmax``: the step ``d_q`` is held (``d`` stays inside its power-of-two rounding
+        interval) and ``q_max`` trains within the levels ``k = round(q_max / d_q)`` that give
+        ``bits``; P3 ``qmin_qmax``: ``x_min`` is held the same way and ``q_max`` trains within
+        the exponent spans ``L`` that give ``bits``. (Holding the step: with the bits fixed, a
+        halved ``d_q`` would force a halved range, a jump the task gradient cannot see.)
 
         Raises:
             ValueError: ``bits`` is not an allowed bitwidth (``levels_allowed``).
@@ -230,9 +234,12 @@ class Quantizer(nn.Module):
                 f"{self.levels_allowed()}"
             )
         self.frozen_bits = bits
+        if "b" not in self.param_names:
+            with torch.no_grad():
+                self.held_scale = float(self.derived()[0])
         self.constrain_()
         if self.bitwidth != bits:  # the parameter bounds leave no value with that bitwidth
-            self.frozen_bits = None
+            self.frozen_bits = self.held_scale = None
             raise ValueError(
                 f"cannot hold {self.kind}/{self.parametrization} at {bits} bits within its "
                 f"parameter bounds {self.bounds}"
@@ -240,7 +247,20 @@ class Quantizer(nn.Module):
 
     def unfreeze_bits_(self) -> None:
         """Let the bitwidth be learned again."""
-        self.frozen_bits = None
+        self.frozen_bits = self.held_scale = None
+
+    def _hold_scale_(self, name: str, pow2: bool) -> None:
+        """Keep ``derived()[0]`` at ``held_scale``: the raw ``name`` inside the interval that
+        rounds to it (power of two: ``[s 2^-1/2, s 2^1/2)``), else equal to it."""
+        if self.held_scale is None:
+            return
+        p, s = getattr(self, name), self.held_scale
+        lo, hi = self.bounds.range(name)
+        if pow2:
+            p.clamp_(min=s * 2**-0.5 * (1 + 1e-4), max=s * 2**0.5 * (1 - 1e-4))
+        else:
+            p.fill_(s)
+        p.clamp_(min=lo + MARGIN, max=hi - MARGIN)
 
     # -- shared ----------------------------------------------------------------------------
     def _clip(self, name: str) -> Tensor:

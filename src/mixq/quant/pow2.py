@@ -137,7 +137,9 @@ class Pow2Quantizer(Quantizer):
     def _project_bits_(self) -> None:
         """P3: clamp ``q_max`` so that ``L = log2(x_max / x_min)`` lies in the spans of
         ``frozen_bits`` (:func:`~mixq.quant.base.bits_interval`, offset 1), or at most those
-        of the largest ``bit_set`` member; ``q_min`` (the smallest magnitude) is left as is."""
+        of the largest ``bit_set`` member; frozen, ``x_min`` is held first."""
+        if self.frozen_bits is not None:
+            self._hold_scale_("q_min", True)
         bits = self.frozen_bits if self.frozen_bits is not None else max(self.bit_set)
         lo_l, hi_l = bits_interval(bits, self.levels_allowed(), 1)
         if self.frozen_bits is None:

@@ -151,7 +151,9 @@ class UniformQuantizer(Quantizer):
     def _project_bits_(self) -> None:
         """U3: clamp ``q_max`` so that ``k = round(q_max / d_q)`` lies in the levels of
         ``frozen_bits`` (:func:`~mixq.quant.base.bits_interval`), or at most those of the
-        largest ``bit_set`` member; ``d`` (the step) is left as it is."""
+        largest ``bit_set`` member; frozen, the step ``d_q`` is held first."""
+        if self.frozen_bits is not None:
+            self._hold_scale_("d", self.pow2_step)
         bits = self.frozen_bits if self.frozen_bits is not None else max(self.bit_set)
         lo_k, hi_k = bits_interval(bits, self.levels_allowed(), int(self.signed))
         if self.frozen_bits is None:
