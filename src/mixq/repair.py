@@ -14,7 +14,9 @@ activation budgets add up). The error is the quantization noise power relative t
 increase is about a layer's Hessian times its noise energy (the quantity HAWQ-V3 weighs with
 the Hessian trace, Dong et al. 2020); without second-order information the relative form
 compares layers of different scales. Memory saved per unit of that error is what a knapsack
-relaxation ranks by (Dantzig's greedy rule).
+relaxation ranks by (Dantzig's greedy rule). A step that completes the repair (every budget
+then holds) is chosen by its absolute error instead, the cheapest finisher, so that the last
+step does not overshoot (the usual fix of the ratio rule at the end of a knapsack).
 
 Each lowering sets the parameters as the parametrization allows and keeps the alternative with
 the smaller error: U3 ``d_qmax``: the step ``d`` kept and the range cut, or the range kept and
@@ -173,6 +175,7 @@ def repair(model: nn.Module, budget: Budget, inputs: dict[str, Tensor]) -> list[
     sizes = _sizes(budget, model)
     while violated := _violated(sizes):
         best: tuple[float, str, dict[str, Tensor]] | None = None
+        last: tuple[float, str, dict[str, Tensor]] | None = None  # least error among finishers
         for name, q in qs.items():
             lower = [b for b in q.levels_allowed() if b < q.bitwidth]
             if not lower:
@@ -187,9 +190,12 @@ def repair(model: nn.Module, budget: Budget, inputs: dict[str, Tensor]) -> list[
             _restore(q, start)
             if saved <= 0:
                 continue
-            cost = max(err - err0, 0.0) / saved
-            if best is None or cost < best[0]:
-                best = (cost, name, trial)
+            increase = max(err - err0, 0.0)
+            if best is None or increase / saved < best[0]:
+                best = (increase / saved, name, trial)
+            if not _violated(after) and (last is None or increase < last[0]):
+                last = (increase, name, trial)
+        best = last or best  # a step that completes the repair: the one with the least error
         if best is None:
             over = ", ".join(f"{k} {sizes[k][0] / BITS_PER_KIB:.2f} KiB > "
                              f"{sizes[k][1] / BITS_PER_KIB:.2f} KiB" for k in violated)  # fmt: skip
@@ -201,12 +207,17 @@ def repair(model: nn.Module, budget: Budget, inputs: dict[str, Tensor]) -> list[
         history.append((name, _snapshot(qs[name])))
         _restore(qs[name], trial)
         sizes = _sizes(budget, model)
-    # give back: undo the latest steps first while every budget still holds
+    # give back: undo the latest steps first while every budget still holds (a site whose
+    # latest step must stay keeps its earlier ones too)
+    kept: set[str] = set()
     for name, before in reversed(history):
+        if name in kept:
+            continue
         now = _snapshot(qs[name])
         _restore(qs[name], before)
         if _violated(_sizes(budget, model)):
             _restore(qs[name], now)
+            kept.add(name)
     changes = []
     for name, q in qs.items():
         b0, e0 = first[name]
