@@ -171,8 +171,8 @@ def test_repair_respects_bit_sets():
 
 
 def test_repair_refuses_what_it_cannot_reach():
-    model = _mlp([40, 25, 4], overrides=[LayerOverride("0", weight=SiteConfig(bits=8,
-                                                                             learnable=False))])  # fmt: skip
+    fixed = SiteConfig(bits=8, learnable=False)
+    model = _mlp([40, 25, 4], overrides=[LayerOverride("0", weight=fixed)])
     s = float(weight_bits(model))
     budget = Budget(weight=(s - 3000) / 8)  # only the fixed 8-bit layer could save that much
     with pytest.raises(ValueError, match="cannot repair"):
@@ -305,9 +305,9 @@ def _cfg(*over: str) -> TrainConfig:
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="budget.mode"):
+    with pytest.raises(ConfigError, match=r"budget\.mode"):
         _cfg("budget.mode=lagrange")
-    with pytest.raises(ConfigError, match="freeze_at=1.5"):
+    with pytest.raises(ConfigError, match=r"freeze_at=1\.5"):
         _cfg("budget.freeze_at=1.5")
     with pytest.raises(ConfigError, match="at least one epoch before and after"):
         _cfg("budget.freeze_at=4")
