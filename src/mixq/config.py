@@ -166,6 +166,10 @@ class SiteConfig:
         learnable: False freezes the quantizer (the "Fixed" baselines).
         pow2_step: uniform only: round the step to a power of two (decision 2).
         bounds: overrides of ``b_min``, ``b_max``, ``d_min``, ... (spec 1.4, 2.3).
+        bit_set: the bitwidths the site may take, e.g. ``[4, 8]`` for int4/int8 kernels
+            (CMSIS-NN, TFLite Micro) or ``[8]`` for int8 only; respected by the learned
+            quantizer (its projection), the repair step and the packed export. None: every
+            integer in ``[b_min, b_max]``. ``bits`` must be a member.
     """
 
     quantizer: str = "uniform/d_qmax"
@@ -173,6 +177,7 @@ class SiteConfig:
     learnable: bool = True
     pow2_step: bool = True
     bounds: dict[str, float] = field(default_factory=dict)
+    bit_set: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.quantizer != "float":
@@ -186,6 +191,17 @@ class SiteConfig:
                 raise ConfigError(str(e)) from None
         if not 1 <= self.bits <= 16:
             raise ConfigError(f"bits={self.bits} must be in [1, 16]")
+        if self.bit_set is not None:
+            if not self.bit_set or any(not 1 <= b <= 16 for b in self.bit_set):
+                raise ConfigError(
+                    f"bit_set={list(self.bit_set)} must be a non-empty list of bitwidths in "
+                    "[1, 16] (or null: any bitwidth within the bounds)"
+                )
+            if self.bits not in self.bit_set:
+                raise ConfigError(
+                    f"bits={self.bits} (the initial bitwidth) is not in bit_set="
+                    f"{sorted(self.bit_set)}: set bits to one of them"
+                )
 
     @property
     def is_float(self) -> bool:

@@ -31,7 +31,12 @@ def _build(site: SiteConfig, signed: bool) -> Quantizer | None:
     kwargs = dict(site.bounds)
     if site.quantizer.startswith("uniform/"):
         kwargs["pow2_step"] = site.pow2_step
-    q = make_quantizer(site.quantizer, signed=signed, learnable=site.learnable, **kwargs)
+    try:
+        q = make_quantizer(site.quantizer, signed=signed, learnable=site.learnable,
+                           bit_set=site.bit_set, **kwargs)  # fmt: skip
+    except ValueError as e:  # e.g. a bit_set outside this site's (signed/unsigned) bounds
+        which = "weight/bias" if signed else "activation"
+        raise ConfigError(f"{which} site config {site}: {e}") from None
     q.reset_parameters(b=site.bits)
     return q
 

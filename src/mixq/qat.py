@@ -93,17 +93,26 @@ class QATStep:
         self.weight_decay = float(weight_decay)
         self.clip = budget.active if clip is None else bool(clip)
         self.params = [p for q in self.quantizers for p in q.parameters() if p.requires_grad]
+        #: replaces ``budget.penalty(model)`` when set (e.g. ``DualController.penalty``)
+        self.penalty_fn: Callable[[], Tensor] | None = None
+        #: False turns the penalty off (after the bits are frozen it has nothing to move)
+        self.penalty_enabled = True
         wrap: Callable = torch.compile if compile else (lambda f: f)
         self._penalty = wrap(self._penalty_eager)
         self._before = wrap(self._before_eager)
         self._after = wrap(self._after_eager)
 
     def _penalty_eager(self) -> Tensor:
+        if self.penalty_fn is not None:
+            return self.penalty_fn()
         return self.budget.penalty(self.model)
 
     def penalty(self, like: Tensor) -> Tensor:
-        """The memory penalty (a 0-d tensor like ``like``; zero without a budget)."""
-        return self._penalty() if self.budget.active else like.new_zeros(())
+        """The memory penalty (a 0-d tensor like ``like``; zero without a budget or with
+        ``penalty_enabled`` False); ``penalty_fn`` when set, else Eq. 10."""
+        if not (self.budget.active and self.penalty_enabled):
+            return like.new_zeros(())
+        return self._penalty()
 
     def _before_eager(self) -> None:
         # no_grad as a block, not a decorator: dynamo would see the decorator's one code object

@@ -6,6 +6,7 @@ Loaded from YAML (``TrainConfig.load``) or a preset (``mixq.train.presets``), ed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +150,17 @@ class BudgetConfig:
 
     ``scale_lambda``: multiply ``lam`` by ``(S_float(ResNet-20) / S_float(model))^2``
     (decision 7), for models of another size than the paper's CIFAR-10 ResNet-20.
+
+    ``mode``: ``"fixed"`` (the paper's penalty ``lam * relu(S - S_0)^2``, Eq. 10) or ``"dual"``
+    (no ``lam``: one multiplier per constraint by projected dual ascent, driving each size to
+    ``(1 - margin) * S_0``; :mod:`mixq.budget_control`), with ``dual_lr`` (per step, on the
+    relative violation ``S / S_0 - (1 - margin)``) and ``margin``.
+
+    ``freeze_at``: when the bitwidths stop being learned: a fraction of the run in (0, 1)
+    (e.g. 0.7: after ``round(0.7 * epochs)`` epochs) or a number of epochs (an integer >= 1).
+    Then every budget the learned bits exceed is repaired (:mod:`mixq.repair`), the bits are
+    frozen, batch norm is re-estimated, and only the checks after it may give ``best.pt``,
+    so the delivered model meets every budget. None: the bits are learned to the end.
     """
 
     weight: str | None = None
@@ -157,6 +169,23 @@ class BudgetConfig:
     lam: float = 0.1
     scale_lambda: bool = False
     activation_peak: str | None = None
+    mode: Literal["fixed", "dual"] = "fixed"
+    dual_lr: float = 0.01
+    margin: float = 0.02
+    freeze_at: float | None = None
+
+    @property
+    def any_target(self) -> bool:
+        """True when at least one size target is set."""
+        names = ("weight", "activation_sum", "activation_max", "activation_peak")
+        return any(getattr(self, k) is not None for k in names)
+
+    def freeze_epoch(self, epochs: int) -> int | None:
+        """Epochs done when the bits freeze (``freeze_at`` resolved for a run of ``epochs``)."""
+        if self.freeze_at is None:
+            return None
+        f = self.freeze_at
+        return math.floor(f * epochs + 0.5) if f < 1 else int(f)
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation_sum", "activation_max", "activation_peak"):
@@ -168,6 +197,23 @@ class BudgetConfig:
                     raise ConfigError(f"budget.{name}: {e}") from None
         if self.lam < 0:
             raise ConfigError("budget.lam must be >= 0")
+        if self.mode not in ("fixed", "dual"):
+            raise ConfigError(f"budget.mode={self.mode!r}: use 'fixed' (the paper's lam) or 'dual'")
+        if not self.dual_lr > 0:
+            raise ConfigError(f"budget.dual_lr={self.dual_lr} must be > 0 (default 0.01)")
+        if not 0 <= self.margin < 1:
+            raise ConfigError(f"budget.margin={self.margin} must be in [0, 1) (default 0.02)")
+        f = self.freeze_at
+        if f is not None and not (0 < f < 1 or (f >= 1 and float(f).is_integer())):
+            raise ConfigError(
+                f"budget.freeze_at={f}: give a fraction of the run in (0, 1), e.g. 0.7, or a "
+                "whole number of epochs >= 1"
+            )
+        if not self.any_target and (self.mode == "dual" or f is not None):
+            raise ConfigError(
+                "budget.mode=dual and budget.freeze_at need a size target: set budget.weight, "
+                "activation_sum, activation_max or activation_peak"
+            )
 
 
 @dataclass(frozen=True)
@@ -227,6 +273,12 @@ class TrainConfig:
         )
         if has_budget and self.quant is None:
             raise ConfigError("a memory budget needs a quantized model: set quant (not null)")
+        k = self.budget.freeze_epoch(self.optim.epochs)
+        if k is not None and not 1 <= k < self.optim.epochs:
+            raise ConfigError(
+                f"budget.freeze_at={self.budget.freeze_at} freezes the bits after {k} of "
+                f"{self.optim.epochs} epochs: it must leave at least one epoch before and after"
+            )
 
     @classmethod
     def from_data(cls, data: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:

@@ -42,6 +42,7 @@ from mixq.progress import progress_bar
 from mixq.qat import QATStep
 from mixq.report import report
 from mixq.train import ddp as D
+from mixq.train.budget_run import BudgetRun, plot_sizes
 from mixq.train.build import build_model
 from mixq.train.checkpoint import (
     CheckpointError,
@@ -164,6 +165,8 @@ class Trainer:
             cfg.compile,
         )
         self.sched = build_scheduler(cfg, self.opt, steps)
+        # budget.mode dual (the multipliers), budget.freeze_at (repair + frozen bits)
+        self.budget_run = BudgetRun(cfg, self.model, self.budget, self.qat)
         self.epoch = 0
         self.best: dict[str, Any] = {"acc": -1.0, "epoch": None}
         self._recal_loader: Any = None
@@ -185,6 +188,7 @@ class Trainer:
         out = self.net(x)
         loss = F.cross_entropy(out, y, label_smoothing=self.cfg.optim.label_smoothing)
         loss, penalty = self.qat(loss)  # penalty, backward, decay + clip, update, projection
+        self.budget_run.after_step()  # dual ascent on the budget multipliers
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -235,12 +239,12 @@ class Trainer:
         return evaluate(model, self.test_loader, self.ctx)
 
     @torch.no_grad()
-    def recalibrate_bn(self, model: nn.Module | None = None) -> None:
+    def recalibrate_bn(self, model: nn.Module | None = None, n: int | None = None) -> None:
         """Re-estimate the batch-norm running statistics of ``model`` (default: ``eval_model``)
-        from ``cfg.bn_recalibrate`` training batches (cumulative average, fixed data order),
-        for quantized models only."""
+        from ``n`` (default ``cfg.bn_recalibrate``) training batches (cumulative average,
+        fixed data order), for quantized models only."""
         model = self.eval_model if model is None else model
-        n = self.cfg.bn_recalibrate
+        n = self.cfg.bn_recalibrate if n is None else n
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if not n or not self.quantizers or not bns:
             return
@@ -263,7 +267,7 @@ class Trainer:
 
     def select_step(self, step: int) -> None:
         """Mid-epoch model selection: evaluate when every budget is met; keep the best."""
-        if not all(self.budget.satisfied(self.eval_model).values()):
+        if not self.budget_run.eligible or not all(self.budget.satisfied(self.eval_model).values()):
             return
         acc = self.evaluate()["acc"]
         self.net.train()
@@ -295,6 +299,7 @@ class Trainer:
             "scheduler": self.sched.state_dict(),
             "epoch": self.epoch,
             "best": dict(self.best),
+            "budget_control": self.budget_run.state_dict(),
             # Under DDP the global RNG is reseeded per (epoch, rank) and nothing touches the
             # other GPUs (get_rng_state_all would create a context on each of them).
             "rng": rng_state() if not self.ctx.enabled else {"torch": torch.get_rng_state()},
@@ -331,6 +336,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["train_model"])
             self.ema.module.load_state_dict(ckpt["model"])
             self.ema.n_averaged.fill_(ckpt["ema_n_averaged"])
+        self.budget_run.load_state_dict(ckpt.get("budget_control"), self._copies())
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         if not self.ctx.enabled:
@@ -347,11 +353,33 @@ class Trainer:
         if self.cfg.eval_only:
             metrics = self._record({"epoch": 0, "lr": 0.0}, epoch_done=0)
         while not self.cfg.eval_only and self.epoch < self.cfg.optim.epochs:
+            self.freeze_bits()
             lr = self.sched.get_last_lr()[0]
             metrics = {"epoch": self.epoch + 1, "lr": lr, **self.train_one_epoch()}
             D.check_replicas(self.model, self.budget, self.ctx)
             metrics = self._record(metrics, epoch_done=self.epoch + 1)
         return {"final": metrics, "best": self.best}
+
+    # -- budget control hooks (mixq.train.budget_run) --------------------------------------------
+    def _copies(self) -> list[nn.Module]:
+        """Models holding copies of the quantizers: the moving average, if any."""
+        return [] if self.ema is None else [self.ema.module]
+
+    def _calibration_batch(self) -> torch.Tensor:
+        """Training inputs for the repair's activation errors (its own fixed order)."""
+        loader = build_loaders(self.cfg, self.data, self.ctx)[0]
+        loader.set_epoch(10**6 + 1)
+        return next(iter(loader))[0][:64]
+
+    def freeze_bits(self) -> None:
+        """At ``budget.freeze_at``: repair what is over budget, freeze the bits, re-estimate
+        batch norm (:meth:`BudgetRun.maybe_freeze`)."""
+        self.budget_run.maybe_freeze(
+            self.epoch, self._copies(), self._calibration_batch,
+            lambda m: self.recalibrate_bn(m, n=max(self.cfg.bn_recalibrate, 20)),
+            log=print if self.is_main else (lambda _s: None),
+            sync=(lambda m: D.broadcast_module_state(m, self.ctx)) if self.ctx.enabled else None,
+        )  # fmt: skip
 
     def _record(self, metrics: dict[str, Any], epoch_done: int) -> dict[str, Any]:
         """Evaluate, select, checkpoint and log the end of an epoch."""
@@ -361,8 +389,10 @@ class Trainer:
         metrics.update(memory_stats(self.eval_model))
         met = self.budget.satisfied(self.eval_model) if self.budget.active else {}
         metrics["budget_met"] = all(met.values())
+        metrics.update(self.budget_run.metrics())
         self.epoch = epoch_done
-        if metrics["budget_met"] and metrics["test_acc"] > self.best["acc"]:
+        eligible = metrics["budget_met"] and self.budget_run.eligible
+        if eligible and metrics["test_acc"] > self.best["acc"]:
             self.best = {
                 "acc": metrics["test_acc"],
                 "epoch": self.epoch,
@@ -420,6 +450,7 @@ def _fit(cfg, run_dir, ctx, resume, data, data_dir, progress) -> dict[str, Any]:
     if resume:
         trainer.resume()
     summary = trainer.run()
+    summary["budget_control"] = trainer.budget_run.summary()
     # The deliverable is the best model among the epochs that met every budget; report it.
     summary["report_of"] = "last.pt"
     if trainer.is_main:
@@ -427,15 +458,20 @@ def _fit(cfg, run_dir, ctx, resume, data, data_dir, progress) -> dict[str, Any]:
             best = load_checkpoint(run_dir / "best.pt", trainer.device)["model"]
             trainer.model.load_state_dict(best)
             summary["report_of"] = "best.pt"
-        write_report(trainer.model, trainer.budget, run_dir)
+        write_report(trainer.model, trainer.budget, run_dir, trainer.budget_run.describe()
+                     if trainer.budget_run.freeze_epoch is not None else None)  # fmt: skip
+        if trainer.budget.active and not cfg.eval_only:
+            plot_sizes(run_dir, trainer.budget, trainer.budget_run.freeze_epoch)
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return {**summary, "rank": ctx.rank, "world_size": ctx.world_size}
 
 
-def write_report(model: nn.Module, budget: Budget, run_dir: Path) -> None:
-    """``report.txt``, ``report.json``, ``report.csv`` and ``report.png`` for ``model``."""
+def write_report(model: nn.Module, budget: Budget, run_dir: Path, note: str | None = None) -> None:
+    """``report.txt``, ``report.json``, ``report.csv`` and ``report.png`` for ``model``;
+    ``note`` (how the budget was met) is appended to ``report.txt``."""
     rep = report(model, budget if budget.active else None)
-    atomic_write_bytes(run_dir / "report.txt", rep.to_text().encode())
+    text = rep.to_text() + (f"\nBudget control\n  {note}\n" if note else "")
+    atomic_write_bytes(run_dir / "report.txt", text.encode())
     atomic_write_bytes(run_dir / "report.json", rep.to_json().encode())
     atomic_write_bytes(run_dir / "report.csv", rep.to_csv().encode())
     try:
