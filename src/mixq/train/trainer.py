@@ -509,10 +509,26 @@ def fit(
 def _fit(cfg, run_dir, ctx, resume, data, data_dir, progress) -> dict[str, Any]:
     data = data if data is not None else load_data(cfg, data_dir)
     trainer = Trainer(cfg, run_dir, data, progress=progress, ctx=ctx)
+    if resume and not (run_dir / "last.pt").is_file():
+        # Killed before the first last.pt: nothing to restore, so the run starts over (the
+        # same numbers, so the same files) -- but only in a folder that holds this run.
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"cannot resume: {str(run_dir / 'last.pt')!r} does not exist "
+                                  "(and no config.yaml: not a run folder)")  # fmt: skip
+        if TrainConfig.from_data(yaml.safe_load(saved.read_text())).to_dict() != cfg.to_dict():
+            raise CheckpointError(f"cannot resume {str(run_dir)!r}: its config.yaml differs "
+                                  "from this config")  # fmt: skip
+        if trainer.is_main:
+            print(f"note: {str(run_dir)!r} has no last.pt yet (stopped in epoch 1): starting "
+                  "over")  # fmt: skip
+        resume = False
     if trainer.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
         atomic_write_bytes(run_dir / "config.yaml", config)
+        if not resume:  # rows of an earlier attempt that stopped before its first last.pt
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if resume:
         trainer.resume()
     summary = trainer.run()
