@@ -49,8 +49,9 @@ from mixq.train.trainer import NonFiniteError, Trainer, fit
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
-#: The embedded default (README), shortened: 3 epochs of 8 steps (lr 0.2, so it learns), its own select_every and
-#: bn_recalibrate, budgets loose enough that best.pt is written from the first selection.
+#: The embedded default (README), shortened: 3 epochs of 8 steps (lr 0.2, so that it learns),
+#: its own select_every and bn_recalibrate, budgets loose enough that best.pt is written from
+#: the first selection.
 SHORT_DEFAULT = [
     "optim.epochs=3", "max_steps_per_epoch=8", "select_every=2", "data.eval_batch_size=512",
     "optim.lr=0.2",
@@ -191,9 +192,12 @@ def test_a_real_kill_after_last_pt_loses_no_metrics_row(reference, tmp_path):
 # ------------------------------------------------------ 3. exact resume with every option
 
 
-@pytest.mark.parametrize("extra", [["optim.ema_decay=0.9"], ["bn_recalibrate=0", "select_every=0"]])
-def test_resume_is_exact_with_the_moving_average_and_without_the_options(extra, tmp_path,
-                                                                         monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("extra", [
+    ["optim.ema_decay=0.9"], ["compile=true"], ["bn_recalibrate=0", "select_every=0"],
+], ids=["ema", "compile", "no-options"])  # fmt: skip
+def test_resume_is_exact_with_the_moving_average_compile_and_without_the_options(
+    extra, tmp_path, monkeypatch
+):
     ref, run = tmp_path / "ref", tmp_path / "run"
     fit(_default_cfg(*extra), ref, progress=False)
     monkeypatch.setenv(faults.ENV, "after:step@13")
