@@ -324,10 +324,12 @@ class Trainer:
                                  f"{int(bad)}; the run stopped: {keep}")  # fmt: skip
         at = f"epoch {epoch}" + ("" if step is None else f" step {step}")
         for which, model in (("model", self.model), ("evaluated model", self.eval_model)):
-            for name, t in model.state_dict().items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise NonFiniteError(f"{which} tensor {name!r} became non-finite by {at}; "
-                                         f"the run stopped: {keep}")  # fmt: skip
+            named = [(n, t) for n, t in model.state_dict().items() if t.is_floating_point()]
+            finite = torch.stack([torch.isfinite(t).all() for _, t in named])  # one sync
+            if not bool(finite.all()):
+                name = named[int((~finite).nonzero()[0])][0]
+                raise NonFiniteError(f"{which} tensor {name!r} became non-finite by {at}; "
+                                     f"the run stopped: {keep}")  # fmt: skip
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +400,7 @@ class Trainer:
         """
         metrics: dict[str, Any] = self.last_metrics  # a finished run resumed: its last epoch
         if self.cfg.eval_only:
+            self.rows = []  # one evaluation, also when resumed
             metrics = self._record({"epoch": 0, "lr": 0.0}, epoch_done=0)
         while not self.cfg.eval_only and self.epoch < self.cfg.optim.epochs:
             lr = self.sched.get_last_lr()[0]
@@ -489,7 +492,10 @@ def fit(
     faults.reset()
     # One writer per run folder: rank 0 (the only writer) locks it before reading anything.
     main = os.environ.get("RANK", "0") == "0"
-    with RunLock(run_dir) if main else contextlib.nullcontext():
+    with RunLock(run_dir) if main else contextlib.nullcontext() as lock:
+        if lock is not None and lock.previous:
+            print(f"note: took over the lock of {run_dir} from pid {lock.previous.get('pid')}, "
+                  "which ended without releasing it (killed or crashed)")  # fmt: skip
         if not resume and (run_dir / "last.pt").exists():
             raise FileExistsError(
                 f"run directory {str(run_dir)!r} already holds a run: pass --resume to "
