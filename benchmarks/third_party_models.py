@@ -1,12 +1,16 @@
-"""quantize_model, one training step, the report and to_float over third-party models.
+"""quantize_model, one training step, the report, to_float and export over third-party models.
 
 Not a test and not a dependency of mixq: it runs the models of the packages that happen to be
 installed (timm; install it without another torch, e.g.
-``pip install --no-deps --target .thirdparty timm`` and run with ``PYTHONPATH=.thirdparty``)
-plus the project's own hand-written zoo (tests/zoo.py), with random weights, and prints one
-table: the activation sites found (counted / quantized / float / not counted), the activation
-sum, max and peak at 4 bits, whether every quantizer parameter got a finite gradient, and
-whether ``to_float`` restores the float outputs exactly.
+``pip install --no-deps --target .thirdparty timm``; HuggingFace transformers, which does not
+ask for torch: ``pip install --target .thirdparty-hf transformers``; run with
+``PYTHONPATH=.thirdparty:.thirdparty-hf``) plus the project's own hand-written zoo
+(tests/zoo.py), with random weights, and prints one table: the activation sites found
+(counted / quantized / float / not counted), the activation sum, max and peak at 4 bits,
+whether every quantizer parameter got a finite gradient, whether ``to_float`` restores the
+float outputs exactly, whether the packed file reloads into a float skeleton with the same
+outputs bit for bit, and the largest difference between onnxruntime running the ONNX export
+(``ties="away"``) and the quantized model in PyTorch (``--no-export`` leaves both out).
 
 timm imports ``torchvision`` at import time for a few names its models do not use here; when
 torchvision is missing this script installs an import stub for it (printed in the output).
@@ -22,6 +26,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -86,6 +91,26 @@ def _stub_torchvision() -> bool:
     return True
 
 
+def _hf_models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Tiny HuggingFace image classifiers (random weights, small configs)."""
+    import transformers as T
+
+    cfgs = {
+        "resnet": (T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                  num_labels=10), T.ResNetForImageClassification, 64),
+        "mobilenet_v2": (T.MobileNetV2Config(depth_multiplier=0.35, image_size=64,
+                                             num_labels=10),
+                         T.MobileNetV2ForImageClassification, 64),
+        "vit": (T.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=128, num_labels=10),
+                T.ViTForImageClassification, 32),
+        "convnext": (T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
+                                      num_labels=10),
+                     T.ConvNextForImageClassification, 64),
+    }  # fmt: skip
+    return [(f"hf.{k}", cls(cfg).eval(), (3, r, r)) for k, (cfg, cls, r) in cfgs.items()]
+
+
 def _models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import zoo
@@ -95,6 +120,9 @@ def _models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
 
     out += [("mixq.resnet20", resnet20(), (3, 32, 32)),
             ("mixq.mobilenet_v2", mobilenet_v2(num_classes=10), (3, 64, 64))]  # fmt: skip
+    # before the torchvision stub: transformers reads torchvision's version when it is importable
+    hf = importlib.util.find_spec("transformers") is not None
+    hf_models = _hf_models() if hf else []
     if importlib.util.find_spec("timm") is not None:
         if _stub_torchvision():
             print("note: torchvision is not installed; an import stub stands in for it")
@@ -104,8 +132,14 @@ def _models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
             shape = (3, 32, 32) if "vit" in name else (3, 64, 64)
             out.append((f"timm.{name}", timm.create_model(name, num_classes=10, **kw), shape))
     else:
-        print("note: timm is not installed; only the project's own models are run")
-    return out
+        print("note: timm is not installed; its models are not run")
+    if not hf:
+        print("note: transformers is not installed; the HuggingFace models are not run")
+    return out + hf_models
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def _run(name: str, model: nn.Module, shape: tuple[int, ...], mode: str) -> dict:
@@ -121,7 +155,7 @@ def _run(name: str, model: nn.Module, shape: tuple[int, ...], mode: str) -> dict
     model.train()
     t0 = time.perf_counter()
     out = model(x)
-    logits = out if isinstance(out, torch.Tensor) else out[0]
+    logits = _logits(out)
     loss = nn.functional.cross_entropy(logits, torch.tensor([0, 1])) + budget.penalty(model)
     opt.zero_grad()
     loss.backward()
@@ -148,23 +182,57 @@ def _exact_to_float(model: nn.Module, shape: tuple[int, ...], mode: str) -> bool
     x = torch.randn(2, *shape)
     model.eval()
     with torch.no_grad():
-        ref = model(x)
+        ref = _logits(model(x))
     quantize_model(model, QuantConfig(activation_sites=mode), example_input=x[:1])
     to_float(model)
     model.eval()
     with torch.no_grad():
-        return bool(torch.equal(model(x), ref))
+        return bool(torch.equal(_logits(model(x)), ref))
+
+
+def _export(model: nn.Module, float_model: nn.Module, shape: tuple[int, ...], mode: str,
+            tmp: Path) -> tuple[str, str]:  # fmt: skip
+    """(packed, onnx) columns: ``exact`` / ``DIFF`` for the packed reload into a float
+    skeleton, onnxruntime's largest difference from PyTorch (or the error)."""
+    from mixq.export import export, load_packed
+
+    torch.manual_seed(1)
+    x = torch.randn(2, *shape)
+    model.eval()
+    with torch.no_grad():
+        ref = _logits(model(x))
+    try:
+        export(model, tmp / "m.mxq", example_input=x[:1])
+        loaded = load_packed(tmp / "m.mxq", model=copy.deepcopy(float_model))
+        with torch.no_grad():
+            packed = "exact" if torch.equal(_logits(loaded(x)), ref) else "DIFF"
+    except Exception as e:
+        packed = f"{type(e).__name__}"
+    try:
+        import onnxruntime as ort
+
+        export(model, tmp / "m.onnx", "onnx", example_input=x[:1], ties="away")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(tmp / "m.onnx"), opts)
+        y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        onnx = f"{float(abs(torch.from_numpy(y) - ref).max()):.1e}"
+    except Exception as e:
+        onnx = f"{type(e).__name__}: {str(e)[:60]}"
+    return packed, onnx
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modes", nargs="+", default=["relu", "inputs"])
     ap.add_argument("--only", nargs="*", default=None, help="model names to run (substrings)")
+    ap.add_argument("--no-export", action="store_true", help="leave out the export columns")
     args = ap.parse_args()
     torch.set_num_threads(1)
     header = (f"{'model':<28} {'mode':<6} {'sites':>5} {'cnt':>4} {'q':>4} {'flt':>4} "
               f"{'unc':>4} {'sum KiB':>9} {'max KiB':>8} {'peak KiB':>9} {'peak at':<28} "
-              f"{'grads':<6} {'to_float':<8} {'conv s':>6} {'step s':>6}")  # fmt: skip
+              f"{'grads':<6} {'to_float':<8} {'conv s':>6} {'step s':>6}"
+              + ("" if args.no_export else f" {'packed':<7} onnx max|diff|"))  # fmt: skip
     rows = []
     for name, model, shape in _models():
         if args.only and not any(o in name for o in args.only):
@@ -174,19 +242,27 @@ def main() -> None:
             try:
                 r = _run(name, m, shape, mode)
                 r["exact"] = _exact_to_float(copy.deepcopy(model), shape, mode)
+                ex = ""
+                if not args.no_export:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        packed, onnx = _export(m, model, shape, mode, Path(tmp))
+                    ex = f" {packed:<7} {onnx}"
                 rows.append(
                     f"{r['model']:<28} {mode:<6} {r['sites']:>5} {r['counted']:>4} "
                     f"{r['quantized']:>4} {r['float']:>4} {r['uncounted']:>4} {r['sum']:>9.2f} "
                     f"{r['max']:>8.2f} {r['peak']:>9.2f} {str(r['peak_at'])[:28]:<28} "
                     f"{'finite' if r['finite'] else 'BAD':<6} "
                     f"{'exact' if r['exact'] else 'DIFF':<8} "
-                    f"{r['t_conv']:>6.2f} {r['t_step']:>6.2f}"
+                    f"{r['t_conv']:>6.2f} {r['t_step']:>6.2f}{ex}"
                 )  # fmt: skip
             except Exception as e:  # one table row per model, whatever breaks
                 rows.append(f"{name:<28} {mode:<6} FAILED: {type(e).__name__}: {str(e)[:120]}")
             print(rows[-1], flush=True)
     print()
     print(f"torch {torch.__version__}, 1 thread, batch 2, random weights, 4-bit start")
+    if not args.no_export:
+        print("packed: reload into a float skeleton, outputs bit for bit; onnx: onnxruntime "
+              "vs PyTorch, ties='away'")
     print(header)
     print("\n".join(rows))
 

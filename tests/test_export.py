@@ -34,6 +34,8 @@ from mixq.export.bitpack import code_range, unpack_bits
 from mixq.layers import QuantAct, QuantLinear
 from mixq.models import mobilenet_v2, resnet20, smallcnn
 from mixq.quant import Pow2Quantizer, UniformQuantizer
+from zoo import SHAPES as ZOO_SHAPES
+from zoo import Functional
 
 try:  # the ONNX tests need the optional extra mixq[onnx]; the packed format does not
     import onnx
@@ -138,6 +140,44 @@ def test_payload_is_the_weight_memory_and_codes_fit(which, request, tmp_path):
             assert np.abs(codes).max() <= e["k"]
         else:
             assert (codes & ((1 << e["m_bits"]) - 1)).max() <= e["L"]
+
+
+@pytest.mark.parametrize("mode", ["relu", "inputs"])
+@pytest.mark.parametrize("cls", list(ZOO_SHAPES), ids=lambda c: c.__name__)
+def test_packed_reload_keeps_every_activation_site(cls, mode, tmp_path):
+    """Functional ReLUs quantized at their reader, ``QuantOut`` sites and shared input
+    quantizers come back: same outputs bit for bit, same site table and memory."""
+    from mixq.cost import activation_bits
+    from mixq.layers import QuantOut, input_quantizer
+    from mixq.sites import table_of
+
+    torch.manual_seed(3)
+    x = torch.randn(2, *ZOO_SHAPES[cls])
+    model = quantize_model(cls(), QuantConfig(activation_sites=mode), example_input=x[:1]).eval()
+    g = torch.Generator().manual_seed(4)
+    for _, q in quantizers(model):  # away from the initial values, so a default would differ
+        for p in q.parameters():
+            p.data.mul_(0.7 + 0.6 * torch.rand((), generator=g))
+        q.constrain_()
+    export(model, tmp_path / "m.mxq", example_input=x[:1])
+    loaded = load_packed(tmp_path / "m.mxq", model=cls())
+    assert _same(model, loaded, x)
+    readers = [n for n, m in model.named_modules() if input_quantizer(m) is not None]
+    assert readers == [n for n, m in loaded.named_modules() if input_quantizer(m) is not None]
+    outs = [n for n, m in model.named_modules() if isinstance(m, QuantOut)]
+    assert outs == [n for n, m in loaded.named_modules() if isinstance(m, QuantOut)]
+    assert (mode == "inputs" or cls is Functional) == bool(readers or outs)
+    groups = {id(input_quantizer(loaded.get_submodule(n))) for n in readers}
+    assert len(groups) == len({id(input_quantizer(model.get_submodule(n))) for n in readers})
+    old, new = table_of(model), table_of(loaded)
+    assert [(s.name, s.numel, s.counted) for s in old.sites] == [
+        (s.name, s.numel, s.counted) for s in new.sites
+    ]
+    assert [s.quantizer.bitwidth if s.quantizer else None for s in old.sites] == [
+        s.quantizer.bitwidth if s.quantizer else None for s in new.sites
+    ]
+    for how in ("sum", "max", "peak"):
+        assert activation_bits(model, how).item() == activation_bits(loaded, how).item()
 
 
 def test_b_qmax_overflow_is_stored_with_one_more_bit(tmp_path):
@@ -325,6 +365,24 @@ def test_onnxruntime_parity_on_the_zoo(which, request, tmp_path):
 
 
 @needs_onnx
+@pytest.mark.parametrize("cls", list(ZOO_SHAPES), ids=lambda c: c.__name__)
+def test_onnx_of_every_site_equals_the_model(cls, tmp_path):
+    """``activation_sites="inputs"``: layer-input quantizers and ``QuantOut`` sites are in the
+    ONNX file (one node each, with its bitwidth), and ``ties="away"`` gives mixq's outputs."""
+    torch.manual_seed(5)
+    x = torch.randn(3, *ZOO_SHAPES[cls])
+    model = quantize_model(cls(), QuantConfig(activation_sites="inputs"), example_input=x[:1])
+    model.eval()
+    export(model, tmp_path / "m.onnx", "onnx", example_input=x[:1], ties="away")
+    proto = onnx.load(tmp_path / "m.onnx")
+    with torch.no_grad():
+        assert np.array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
+    acts = _act_quantizers(model)
+    assert {k: v["bitwidth"] for k, v in json.loads(_meta(proto)["mixq.activations"]).items()} \
+        == acts  # fmt: skip
+
+
+@needs_onnx
 def test_folded_onnx_with_exact_ties_equals_folded_model(r20_mixed, tmp_path):
     folded, report = fold_bn(r20_mixed)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -416,14 +474,22 @@ def test_qonnx_structure_executor_and_fixed_batch(tmp_path):
 
 
 @needs_onnx
-def test_file_size_is_the_report(tmp_path):
-    """More than 100 KB of 4-bit weights: the ONNX file is at most 1.15x the report."""
+@pytest.mark.parametrize("which", ["4bit", "2bit"])
+def test_file_size_is_the_report(which, tmp_path):
+    """More than 100 KB of 4-bit weights (2-bit at opset 25): the ONNX file is at most 1.15x
+    the report; 2-bit tensors are stored as INT2 from opset 25, as INT4 before."""
     mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 128), nn.ReLU(),
                         nn.Linear(128, 10))  # fmt: skip
-    model = quantize_model(mlp, QuantConfig(input_shape=(784,))).eval()
-    res = export(model, tmp_path / "m.onnx", "onnx", example_input=_x(1, 784), ties="away")
+    bits, opset = (4, 21) if which == "4bit" else (2, 25)
+    cfg = QuantConfig(input_shape=(784,), weight=SiteConfig(bits=bits))
+    model = quantize_model(mlp, cfg).eval()
+    res = export(model, tmp_path / "m.onnx", "onnx", example_input=_x(1, 784), ties="away",
+                 opset=opset)  # fmt: skip
     report = res.weight_bits / 8
-    assert report > 100_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    assert report > 50_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    tensors = json.loads(_meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"])
+    want = {(2, 25): "INT2", (4, 21): "INT4"}[(bits, opset)]
+    assert {t["storage"] for n, t in tensors.items() if n.endswith("weight")} == {want}
     x = _x(4, 784, grid=True)  # exact sums: ORT equals PyTorch bit for bit with ties="away"
     with torch.no_grad():
         np.testing.assert_array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())

@@ -5,7 +5,8 @@ PyTorch can export is exported. mixq contributes only the quantization nodes and
 storage: inside :func:`mixq.export.quant_nodes.export_mode` each quantizer emits its own nodes
 (see there for the node groups of each format). After conversion the integer codes of tensors
 with at most 4 bits are narrowed to ``INT4``/``UINT4`` initializers (opset >= 21; two codes per
-byte, ONNX's narrowest integer type), PyTorch's per-node debug metadata is dropped, and the
+byte), those with at most 2 bits to ``INT2``/``UINT2`` (opset >= 25; four per byte, ONNX's
+narrowest integer type; 3-bit codes take 4), PyTorch's per-node debug metadata is dropped, and the
 file records in ``metadata_props``: ``mixq.format``, ``mixq.tensors`` (per tensor: kind, bits,
 storage type, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.activations`` (per activation
 quantizer: kind, bitwidth, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.arch``,
@@ -137,8 +138,17 @@ def _require_exporter() -> None:
                           "exporter): pip install 'mixq[onnx]'") from e  # fmt: skip
 
 
+def narrow_width(bits: int, opset: int) -> int | None:
+    """The packed ONNX integer width for codes of ``bits`` bits: 2 (INT2/UINT2, opset >= 25)
+    for <= 2 bits, 4 (INT4/UINT4, opset >= 21) for <= 4 bits, else None (INT8/INT16)."""
+    if bits <= 2 and opset >= 25:
+        return 2
+    return 4 if bits <= 4 and opset >= 21 else None
+
+
 def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
-    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21) and record each storage type.
+    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21), of <= 2 bits as INT2/UINT2
+    (opset >= 25), and record each storage type.
 
     The codes initializer of a tensor is found from its node (``mixq.tensor`` metadata), not by
     name: PyTorch's optimizer merges identical initializers and nodes (e.g. two all-zero
@@ -165,10 +175,12 @@ def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
                               "report this with the model")  # fmt: skip
         init = inits[key]
         signed = rec["kind"] == "uniform"
-        if rec["bits"] <= 4 and opset >= 21 and key not in done:
+        width = narrow_width(rec["bits"], opset)
+        if width and key not in done:
             codes = onnx.numpy_helper.to_array(init)
-            dtype = tp.INT4 if signed else tp.UINT4
-            raw = pack_bits(codes.astype(np.int64), 4, signed)
+            dtype = {(2, True): tp.INT2, (2, False): tp.UINT2,
+                     (4, True): tp.INT4, (4, False): tp.UINT4}[(width, signed)]  # fmt: skip
+            raw = pack_bits(codes.astype(np.int64), width, signed)
             init.CopyFrom(onnx.helper.make_tensor(key, dtype, list(codes.shape), raw, raw=True))
             for vi in proto.graph.value_info:
                 if vi.name == key:

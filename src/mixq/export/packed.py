@@ -39,7 +39,10 @@ The manifest (JSON object) holds:
   counters are not stored).
 
 All packed tensors come first, so ``quantized_bytes`` = sum of ``ceil(numel * bits / 8)``.
-``activations`` lists every ``QuantAct`` site (module name, ``cap``, ``quantizer`` or null).
+``activations`` lists every ``QuantAct`` site (module name, ``cap``, ``quantizer`` or null),
+``outputs`` every ``QuantOut`` site (module name, ``signed``, ``quantizer`` or null), ``inputs``
+every quantizer applied at a layer's input (``layers`` that share it, ``quantizer``), and
+``site_config`` the ``activation_sites`` mode and ``uncounted`` names of the model's config.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ from mixq.layers import (
     QuantAct,
     QuantConv2d,
     QuantLinear,
+    QuantOut,
     add_logit_scale,
+    input_quantizer,
     scale_logits,
 )
 from mixq.models import create_model
@@ -133,12 +138,29 @@ def _collect(model: nn.Module) -> tuple[list, list, list[dict[str, Any]]]:
     raw = [_raw_entry(k, v) for k, v in model.state_dict().items()
            if k not in done and not k.startswith(qprefixes)
            and not k.endswith("num_batches_tracked")]  # fmt: skip
-    acts = []
+    return packed, raw, _activation_entries(model)
+
+
+def _activation_entries(model: nn.Module) -> dict[str, Any]:
+    """The manifest's activation sites: ``activations`` (``QuantAct``), ``outputs``
+    (``QuantOut``), ``inputs`` (one quantizer read at the input of the layers sharing it) and
+    ``site_config`` (what :func:`mixq.convert.record_sizes` needs to rebuild the site table)."""
+    acts, outs, inputs, by_id = [], [], [], {}
     for mname, m in model.named_modules():
         if isinstance(m, QuantAct):
             spec = quantizer_spec(m.quantizer) if m.quantizer is not None else None
             acts.append({"module": mname, "cap": m.cap, "quantizer": spec})
-    return packed, raw, acts
+        elif isinstance(m, QuantOut):
+            spec = quantizer_spec(m.quantizer) if m.quantizer is not None else None
+            outs.append({"module": mname, "signed": m.quantizer_signed, "quantizer": spec})
+        elif isinstance(m, (QuantConv2d, QuantLinear)) and (q := input_quantizer(m)) is not None:
+            if id(q) not in by_id:  # one entry per quantizer; every layer that reads it
+                by_id[id(q)] = {"layers": [], "quantizer": quantizer_spec(q)}
+                inputs.append(by_id[id(q)])
+            by_id[id(q)]["layers"].append(mname)
+    mode, uncounted = model.__dict__.get("mixq_site_config", ("relu", ()))
+    return {"activations": acts, "outputs": outs, "inputs": inputs,
+            "site_config": {"mode": mode, "uncounted": list(uncounted)}}  # fmt: skip
 
 
 def _is_quantizer(m: nn.Module) -> bool:
@@ -172,7 +194,7 @@ def save_packed(model: nn.Module, path: str | Path, *,
         "payload_bytes": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "tensors": entries,
-        "activations": acts,
+        **acts,
     }
     blob = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode("utf-8"), 9)
     Path(path).write_bytes(_HEADER.pack(MAGIC, VERSION, _ZLIB, len(blob)) + blob + payload)
@@ -339,15 +361,39 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             if q is not None and (p := next(model.parameters(), None)) is not None:
                 q.to(p.device)
             _replace(model, act["module"], QuantAct(q, cap=act["cap"]))
+        _attach_outputs_and_inputs(model, manifest)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as e:
         raise PackedFormatError(f"{path}: manifest does not match the model: {e!r}") from None
     if manifest.get("logit_scale") and not hasattr(model, "logit_scale"):
         add_logit_scale(model)
     _load_state(model, state, path)
-    model.mixq_folded_bn = list(manifest.get("folded_bn", []))
-    if manifest.get("input_shape"):
-        record_sizes(model, input_shape=tuple(manifest["input_shape"]))
+    try:
+        sites = manifest.get("site_config") or {"mode": "relu", "uncounted": []}
+        model.mixq_site_config = (sites["mode"], tuple(sites["uncounted"]))
+        model.mixq_folded_bn = list(manifest.get("folded_bn", []))
+        if manifest.get("input_shape"):
+            record_sizes(model, input_shape=tuple(manifest["input_shape"]))
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as e:
+        raise PackedFormatError(f"{path}: corrupt manifest (sites or input shape: {e!r})") from None
     return model.eval()
+
+
+def _attach_outputs_and_inputs(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Wrap the ``outputs`` sites in ``QuantOut`` and give the ``inputs`` quantizers (one
+    object per entry, shared by its layers) back to the layers that read them."""
+    device = next(model.parameters()).device
+    for out in manifest.get("outputs", []):
+        m = model.get_submodule(out["module"])
+        q = build_quantizer(out["quantizer"]) if out["quantizer"] else None
+        _replace(model, out["module"], QuantOut(m, q.to(device) if q else None, out["signed"]))
+    for entry in manifest.get("inputs", []):
+        q = build_quantizer(entry["quantizer"]).to(device)
+        for name in entry["layers"]:
+            layer = model.get_submodule(name)
+            if not isinstance(layer, (QuantConv2d, QuantLinear)):
+                raise PackedFormatError(f"input quantizer of {name!r}: the skeleton's {name!r} "
+                                        "is not a quantized conv/linear layer")  # fmt: skip
+            layer.input_quantizer = q
 
 
 def _quant_type(m: nn.Module) -> type:
