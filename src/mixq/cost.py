@@ -233,12 +233,45 @@ class Budget:
     lam: float = 0.1
     activation_peak: float | None = None
 
+    def __post_init__(self) -> None:
+        for name, target in self._targets().items():
+            if target is not None and (isinstance(target, bool) or not
+                                       (isinstance(target, (int, float)) and target > 0
+                                        and math.isfinite(target))):  # fmt: skip
+                raise ValueError(f"Budget.{name}={target!r} must be a positive, finite number "
+                                 "of bytes (or None: no constraint)")  # fmt: skip
+        lam = self.lam
+        if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam)
+                                         and lam >= 0):  # fmt: skip
+            raise ValueError(f"Budget.lam={lam!r} must be a finite number in [0, inf) "
+                             "(the penalty weight; typical: 0.1)")  # fmt: skip
+
     @classmethod
     def parse(cls, weight=None, activation_sum=None, activation_max=None, lam=0.1,
               activation_peak=None) -> Budget:  # fmt: skip
-        """Build from strings such as ``"70KB"``; raises ``ValueError`` for bad sizes."""
+        """Build from sizes such as ``"70KB"`` or a number of bytes; None: no constraint.
+
+        Raises ``ValueError`` for a size that is not positive and finite (0, False and ""
+        included: the CLI's rule, there is no "zero means off") and for a ``lam`` that is not
+        a finite number >= 0.
+        """
+        names = ("weight", "activation_sum", "activation_max", "activation_peak")
         given = (weight, activation_sum, activation_max, activation_peak)
-        w, s, m, p = [None if v in (None, "", 0) else parse_size(v) for v in given]
+        sizes = []
+        for name, v in zip(names, given, strict=True):
+            if v is None:
+                sizes.append(None)
+                continue
+            if isinstance(v, bool):
+                raise ValueError(f"{name}={v!r}: give a size such as '70KB' (or None for no "
+                                 "constraint)")  # fmt: skip
+            try:
+                sizes.append(parse_size(v))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e} (None: no constraint)") from None
+        w, s, m, p = sizes
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise ValueError(f"lam={lam!r} must be a finite number >= 0")
         return cls(w, s, m, lam=float(lam), activation_peak=p)
 
     def _targets(self) -> dict[str, float | None]:

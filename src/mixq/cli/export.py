@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -54,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from mixq.export import export, format_fold_report
     from mixq.train.build import load_model
 
+    out, src = Path(args.output), Path(args.checkpoint)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"-o {args.output!r} is the input checkpoint: exporting would overwrite "
+                         "it; give another output file")  # fmt: skip
+    if out.is_dir():
+        raise ValueError(f"-o {args.output!r} is a directory: give an output file name")
     model, _ = load_model(args.checkpoint)
     batch: int | str | None = args.batch
     if batch == "dynamic":

@@ -15,6 +15,7 @@ from mixq.config import (
     ConfigError,
     QuantConfig,
     apply_overrides,
+    check_range,
     from_dict,
     load_yaml,
     to_dict,
@@ -30,6 +31,11 @@ class ModelConfig:
     name: str = "resnet20"
     num_classes: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 1 (or null: "
+                              "the dataset's number of classes)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class DataConfig:
             raise ConfigError(f"data.crop_pad={self.crop_pad} must be >= 0 (0: no random crop)")
         if self.workers < 0:
             raise ConfigError("data.workers must be >= 0")
+        for name in ("synthetic_train", "synthetic_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
         for name in ("image_size", "resize_size"):
             value = getattr(self, name)
             if value is not None and value < 8:
@@ -136,12 +145,17 @@ class OptimConfig:
             )
         if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
             raise ConfigError("optim.lr_reference_batch must be >= 1 (or null)")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        check_range("optim.lr", self.lr, 0.0, lo_open=True)
         if self.epochs < 1:
             raise ConfigError(f"optim.epochs={self.epochs} must be >= 1")
-        if self.weight_decay < 0:
-            raise ConfigError("optim.weight_decay must be >= 0")
+        check_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("optim.gamma", self.gamma, 0.0, lo_open=True, hint="the step schedule's "
+                    "learning-rate factor at each milestone")  # fmt: skip
+        check_range("optim.pct_start", self.pct_start, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("optim.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        for i, m in enumerate(self.milestones):
+            check_range(f"optim.milestones[{i}]", m, 0.0, hint="an epoch")
 
 
 @dataclass(frozen=True)
@@ -195,14 +209,11 @@ class BudgetConfig:
                     parse_size(value)
                 except ValueError as e:
                     raise ConfigError(f"budget.{name}: {e}") from None
-        if self.lam < 0:
-            raise ConfigError("budget.lam must be >= 0")
+        check_range("budget.lam", self.lam, 0.0, hint="the penalty weight; typical: 0.1")
         if self.mode not in ("fixed", "dual"):
             raise ConfigError(f"budget.mode={self.mode!r}: use 'fixed' (the paper's lam) or 'dual'")
-        if not self.dual_lr > 0:
-            raise ConfigError(f"budget.dual_lr={self.dual_lr} must be > 0 (default 0.01)")
-        if not 0 <= self.margin < 1:
-            raise ConfigError(f"budget.margin={self.margin} must be in [0, 1) (default 0.02)")
+        check_range("budget.dual_lr", self.dual_lr, 0.0, lo_open=True, hint="default 0.01")
+        check_range("budget.margin", self.margin, 0.0, 1.0, hi_open=True, hint="default 0.02")
         f = self.freeze_at
         if f is not None and not (0 < f < 1 or (f >= 1 and float(f).is_integer())):
             raise ConfigError(
@@ -223,7 +234,7 @@ class TrainConfig:
     Attributes:
         init: a float checkpoint to start from (mixq checkpoint or plain state dict).
         logit_scale: a learnable scalar on the logits (the reference code's pow-2 ``scale_layer``).
-        max_steps_per_epoch: cap for smoke tests (None: the whole epoch).
+        max_steps_per_epoch: cap for smoke tests, >= 1 (None: the whole epoch).
         select_every: also check the budgets every this many steps and, when all are met,
             evaluate and keep ``best.pt`` if better (the reference code does it after every
             iteration, spec 5.2); 0: only at the end of each epoch.
@@ -273,6 +284,14 @@ class TrainConfig:
         )
         if has_budget and self.quant is None:
             raise ConfigError("a memory budget needs a quantized model: set quant (not null)")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 "
+                              "(or null: the whole epoch)")  # fmt: skip
+        for name in ("select_every", "bn_recalibrate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0: off)")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2^63)")
         k = self.budget.freeze_epoch(self.optim.epochs)
         if k is not None and not 1 <= k < self.optim.epochs:
             raise ConfigError(
