@@ -123,7 +123,7 @@ def _worker(rank: int, port: int, cfg_data: dict, run_root: str, dump_dir: str) 
     import mixq.train.trainer as T
 
     writes: list[str] = []
-    for name in ("save_checkpoint", "atomic_write_bytes", "append_line"):
+    for name in ("save_checkpoint", "atomic_write_bytes", "_write_rows"):
         original = getattr(T, name)
 
         def recording(path, *args, _original=original):

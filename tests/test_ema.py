@@ -11,6 +11,7 @@ from mixq.cli import main
 from mixq.config import ConfigError
 from mixq.train.checkpoint import load_checkpoint
 from mixq.train.config import TrainConfig
+from mixq.train.ema import NoAverage
 from mixq.train.trainer import Trainer, fit, load_data
 
 FLOAT = {
@@ -65,7 +66,7 @@ def test_average_matches_the_closed_form():
 def test_off_by_default_and_the_model_is_the_trained_one():
     cfg = _cfg(**{"optim.ema_decay": 0.0})
     tr = Trainer(cfg, "unused", load_data(cfg, None), progress=False)
-    assert tr.ema is None and tr.eval_model is tr.model
+    assert type(tr.average) is NoAverage and tr.eval_model is tr.model
 
 
 @pytest.mark.parametrize("quant", [None, {}])

@@ -382,6 +382,36 @@ def test_onnx_of_every_site_equals_the_model(cls, tmp_path):
         == acts  # fmt: skip
 
 
+class SignedHead(nn.Module):
+    """A signed activation (hard-swish, tanh) flattened into a classifier, as MobileNetV3."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(3, 8, 3), act, nn.Linear(8 * 36, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).flatten(1).unsqueeze(1).transpose(1, 2)[..., 0])
+
+
+@needs_onnx
+@pytest.mark.parametrize("opset", [18, 21, 25])
+@pytest.mark.parametrize("act", [nn.Hardswish, nn.Tanh, nn.ReLU6])
+def test_signed_activation_before_a_view_runs_in_onnxruntime(act, opset, tmp_path):
+    """onnxruntime's QDQ propagation breaks ``DequantizeLinear(INT8) -> Reshape`` (opset >= 21):
+    the exporter puts the pair after the views, and the file loads with every optimization."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    model = quantize_model(SignedHead(act()), QuantConfig(activation_sites="inputs"),
+                           example_input=x[:1]).eval()  # fmt: skip
+    export(model, tmp_path / "m.onnx", "onnx", example_input=x[:1], ties="away", opset=opset)
+    proto = onnx.load(tmp_path / "m.onnx")
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    views = [n for n in proto.graph.node if n.op_type in ("Reshape", "Flatten", "Transpose",
+                                                             "Squeeze", "Unsqueeze")]  # fmt: skip
+    assert views and all(producer[v.input[0]].op_type != "DequantizeLinear" for v in views)
+    with torch.no_grad():  # _ort: onnxruntime's default session, ORT_ENABLE_ALL
+        assert np.array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
+
+
 @needs_onnx
 def test_folded_onnx_with_exact_ties_equals_folded_model(r20_mixed, tmp_path):
     folded, report = fold_bn(r20_mixed)
@@ -474,14 +504,22 @@ def test_qonnx_structure_executor_and_fixed_batch(tmp_path):
 
 
 @needs_onnx
-def test_file_size_is_the_report(tmp_path):
-    """More than 100 KB of 4-bit weights: the ONNX file is at most 1.15x the report."""
+@pytest.mark.parametrize("which", ["4bit", "2bit"])
+def test_file_size_is_the_report(which, tmp_path):
+    """More than 100 KB of 4-bit weights (2-bit at opset 25): the ONNX file is at most 1.15x
+    the report; 2-bit tensors are stored as INT2 from opset 25, as INT4 before."""
     mlp = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 128), nn.ReLU(),
                         nn.Linear(128, 10))  # fmt: skip
-    model = quantize_model(mlp, QuantConfig(input_shape=(784,))).eval()
-    res = export(model, tmp_path / "m.onnx", "onnx", example_input=_x(1, 784), ties="away")
+    bits, opset = (4, 21) if which == "4bit" else (2, 25)
+    cfg = QuantConfig(input_shape=(784,), weight=SiteConfig(bits=bits))
+    model = quantize_model(mlp, cfg).eval()
+    res = export(model, tmp_path / "m.onnx", "onnx", example_input=_x(1, 784), ties="away",
+                 opset=opset)  # fmt: skip
     report = res.weight_bits / 8
-    assert report > 100_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    assert report > 50_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    tensors = json.loads(_meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"])
+    want = {(2, 25): "INT2", (4, 21): "INT4"}[(bits, opset)]
+    assert {t["storage"] for n, t in tensors.items() if n.endswith("weight")} == {want}
     x = _x(4, 784, grid=True)  # exact sums: ORT equals PyTorch bit for bit with ties="away"
     with torch.no_grad():
         np.testing.assert_array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())

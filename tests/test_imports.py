@@ -31,17 +31,20 @@ ALLOWED: dict[str, set[str]] = {
     "cost": {"config", "convert", "layers", "quant", "sites", "trace"},
     "report": {"config", "convert", "cost", "layers", "quant", "sites", "trace"},
     "qat": {"config", "convert", "cost", "layers", "quant", "sites", "trace"},
+    "budget_control": {"config", "convert", "cost", "layers", "quant", "sites", "trace"},
+    "repair": {"config", "convert", "cost", "layers", "quant", "sites", "trace"},
     "export": {"config", "convert", "cost", "layers", "models", "quant", "sites", "trace"},
     "__init__": {"config", "convert", "cost", "layers", "qat", "quant", "report", "sites"},
     # the application
     "experiments": {"quant", "layers", "convert", "cost"},
     "train": {
-        "config", "convert", "cost", "data", "export", "layers", "models", "progress", "qat",
-        "quant", "report", "sites", "trace",
+        "budget_control", "config", "convert", "cost", "data", "export", "layers", "models",
+        "progress", "qat", "quant", "repair", "report", "sites", "trace",
     },
     "cli": {
-        "config", "convert", "cost", "data", "experiments", "export", "layers", "models",
-        "progress", "qat", "quant", "report", "sites", "trace", "train",
+        "budget_control", "config", "convert", "cost", "data", "experiments", "export",
+        "layers", "models", "progress", "qat", "quant", "repair", "report", "sites", "trace",
+        "train",
     },
 }
 

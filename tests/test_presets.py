@@ -30,7 +30,7 @@ def test_names_are_the_files():
         assert path.is_file(), name
         assert yaml.safe_load(path.read_text()) == PRESETS[name]
         files.add(name)
-    assert DEFAULT_PRESET in files and len(files) == 77
+    assert DEFAULT_PRESET in files and len(files) == 80
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -70,8 +70,37 @@ def test_short_schedule_is_the_paper_row_compressed():
         assert paper["optim"].pop("milestones") == [80, 120]
         assert short.pop("description").startswith(paper.pop("description"))
         assert short == paper, row
-    assert not [n for n in PRESETS if n.startswith("cifar10/resnet20/15ep/")
-                and n.rsplit("/", 1)[1] not in PAPER_T1 + PAPER_T3]  # fmt: skip
+    rows = [n.rsplit("/", 1)[1].removesuffix("-dual") for n in PRESETS
+            if n.startswith("cifar10/resnet20/15ep/")]  # fmt: skip
+    assert not [r for r in rows if r not in PAPER_T1 + PAPER_T3]
+
+
+def test_dual_presets_are_their_rows_with_budget_control():
+    """``15ep/ROW-dual`` == ``15ep/ROW`` with ``budget.mode: dual`` and ``freeze_at: 0.7``."""
+    duals = [n for n in PRESETS if n.endswith("-dual")]
+    assert sorted(duals) == ["cifar10/resnet20/15ep/p3-w70kb-dual",
+                             "cifar10/resnet20/15ep/u3-w70kb-dual"]  # fmt: skip
+    for name in duals:
+        dual, row = get_preset(name), get_preset(name.removesuffix("-dual"))
+        assert dual["budget"].pop("mode") == "dual"
+        assert dual["budget"].pop("freeze_at") == 0.7
+        assert dual.pop("description").startswith(row.pop("description"))
+        assert dual == row, name
+
+
+def test_paper_presets_keep_the_fixed_lambda():
+    for name, data in PRESETS.items():
+        if name.startswith(("cifar10/", "imagenet/")) and not name.endswith("-dual"):
+            assert data.get("budget", {}).get("mode", "fixed") == "fixed", name
+            assert "freeze_at" not in data.get("budget", {}), name
+
+
+def test_default_and_mcu_presets_use_budget_control():
+    default = TrainConfig.from_data(get_preset(DEFAULT_PRESET))
+    assert default.budget.mode == "dual" and default.budget.freeze_epoch(30) == 21
+    mcu = TrainConfig.from_data(get_preset("digits/smallcnn/mcu-int4int8-w8kb"))
+    assert mcu.quant.weight.bit_set == (4, 8) and mcu.quant.activation.bit_set == (8,)
+    assert mcu.budget.mode == "dual" and mcu.budget.weight == "8KB"
 
 
 def test_cli_lists_and_shows_presets(capsys):

@@ -135,7 +135,7 @@ def test_cli_resume_from_the_run_directory_alone(tmp_path, kill_at_epoch, capsys
     cfg_file.write_text(yaml.safe_dump(TINY))
     run = tmp_path / "run"
     argv = ["train", "--config", str(cfg_file), "--run-dir", str(run), "--no-progress"]
-    kill_at_epoch(1, lambda: main(argv))
+    kill_at_epoch(1, lambda: main([*argv, "--debug"]))  # --debug: Ctrl-C propagates (else 130)
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     capsys.readouterr()
     assert main(["train", "--resume", "--run-dir", str(run), "--no-progress"]) == 0

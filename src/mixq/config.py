@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,42 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
+
+
+def check_range(
+    where: str,
+    value: float | int,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number in the interval
+    (``[lo, hi]``, ends open as asked, None: unbounded); the message states the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        left = "(-inf" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        right = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        raise ConfigError(f"{where}={value!r} must be a finite number in {left}, {right}"
+                          + (f" ({hint})" if hint else ""))  # fmt: skip
+
+
+#: Caps on what an error message echoes of a value: a YAML alias bomb expands a few hundred
+#: bytes into a structure whose full repr has hundreds of megabytes; reprlib never builds it.
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 6
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, abbreviated to a few hundred characters whatever its size."""
+    return _REPR.repr(value)
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -50,41 +88,41 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return from_dict(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_short(value)}")
         item = args[0] if args else Any
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_short(value)}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_short(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {_short(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_short(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_short(value)}")
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        raise ConfigError(f"{where}: {_short(value)} is not one of {list(args)}")
     return value
 
 
@@ -94,11 +132,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in (data or {}).items():
-        path = f"{where}.{key}" if where else str(key)
+        name = key[:80] if isinstance(key, str) else _short(key)
+        path = f"{where}.{name}" if where else name
         if key not in fields:
             raise ConfigError(
                 f"unknown config key {path!r}; valid keys here: {sorted(fields)}."
-                + _suggest(str(key), list(fields))
+                + _suggest(name, list(fields))
             )
         kwargs[key] = _convert(hints[key], value, path)
     try:
@@ -123,7 +162,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        # Python tags (!!python/object ...) are refused by safe_load, never constructed.
+        msg = str(e)
+        msg = msg if len(msg) <= 600 else msg[:600] + " ..."
+        raise ConfigError(f"config file {str(path)!r} is not valid (safe) YAML: {msg}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data
@@ -166,6 +215,10 @@ class SiteConfig:
         learnable: False freezes the quantizer (the "Fixed" baselines).
         pow2_step: uniform only: round the step to a power of two (decision 2).
         bounds: overrides of ``b_min``, ``b_max``, ``d_min``, ... (spec 1.4, 2.3).
+        bit_set: the bitwidths the site may take, e.g. ``[4, 8]`` for int4/int8 kernels
+            (CMSIS-NN, TFLite Micro) or ``[8]`` for int8 only; respected by the learned
+            quantizer (its projection), the repair step and the packed export. None: every
+            integer in ``[b_min, b_max]``. ``bits`` must be a member.
     """
 
     quantizer: str = "uniform/d_qmax"
@@ -173,6 +226,7 @@ class SiteConfig:
     learnable: bool = True
     pow2_step: bool = True
     bounds: dict[str, float] = field(default_factory=dict)
+    bit_set: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.quantizer != "float":
@@ -184,8 +238,21 @@ class SiteConfig:
                 default_bounds(kind, True, **self.bounds)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+            for key, value in self.bounds.items():
+                check_range(f"bounds.{key}", value, 0.0, lo_open=True)
         if not 1 <= self.bits <= 16:
             raise ConfigError(f"bits={self.bits} must be in [1, 16]")
+        if self.bit_set is not None:
+            if not self.bit_set or any(not 1 <= b <= 16 for b in self.bit_set):
+                raise ConfigError(
+                    f"bit_set={list(self.bit_set)} must be a non-empty list of bitwidths in "
+                    "[1, 16] (or null: any bitwidth within the bounds)"
+                )
+            if self.bits not in self.bit_set:
+                raise ConfigError(
+                    f"bits={self.bits} (the initial bitwidth) is not in bit_set="
+                    f"{sorted(self.bit_set)}: set bits to one of them"
+                )
 
     @property
     def is_float(self) -> bool:
@@ -239,6 +306,11 @@ class QuantConfig:
     uncounted: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.input_shape is not None and (
+            not self.input_shape or any(int(d) < 1 for d in self.input_shape)
+        ):
+            raise ConfigError(f"input_shape={list(self.input_shape)} must be a list of sizes >= 1 "
+                              "(per sample, e.g. [3, 32, 32]) or null")  # fmt: skip
         if self.activation_sites not in ("relu", "inputs"):
             raise ConfigError(
                 f"activation_sites={self.activation_sites!r}: use 'relu' (the paper's ReLU "

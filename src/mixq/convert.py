@@ -9,6 +9,7 @@ the output size of every layer, which the memory model and the MAC counts need (
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Iterator
 
@@ -31,7 +32,12 @@ def _build(site: SiteConfig, signed: bool) -> Quantizer | None:
     kwargs = dict(site.bounds)
     if site.quantizer.startswith("uniform/"):
         kwargs["pow2_step"] = site.pow2_step
-    q = make_quantizer(site.quantizer, signed=signed, learnable=site.learnable, **kwargs)
+    try:
+        q = make_quantizer(site.quantizer, signed=signed, learnable=site.learnable,
+                           bit_set=site.bit_set, **kwargs)  # fmt: skip
+    except ValueError as e:  # e.g. a bit_set outside this site's (signed/unsigned) bounds
+        which = "weight/bias" if signed else "activation"
+        raise ConfigError(f"{which} site config {site}: {e}") from None
     q.reset_parameters(b=site.bits)
     return q
 
@@ -138,7 +144,8 @@ def quantize_model(
             from the config or the model's ``default_input_shape``.
 
     Returns:
-        The same ``model``, converted; ``mixq.sites.table_of(model)`` holds its sites.
+        The same ``model``, converted; ``mixq.sites.table_of(model)`` holds its sites. When
+        anything fails, the model is left exactly as it was (the error is re-raised).
 
     Example:
         >>> from mixq.models import resnet20
@@ -146,6 +153,29 @@ def quantize_model(
         >>> sum(1 for _ in quantizers(m))
         40
     """
+    snapshot = _snapshot(model)
+    try:
+        return _quantize(model, config, example_input)
+    except BaseException:
+        _restore(snapshot)  # a failure halfway leaves the model as it was, not half-converted
+        raise
+
+
+def _snapshot(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """Each module's attributes, with copies of its containers (submodules, parameters,
+    buffers, hooks), so that :func:`_restore` undoes replacements and added attributes."""
+    return [(m, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in m.__dict__.items()})
+            for m in model.modules()]  # fmt: skip
+
+
+def _restore(snapshot: list[tuple[nn.Module, dict]]) -> None:
+    for m, attrs in snapshot:
+        m.__dict__.clear()
+        m.__dict__.update(attrs)
+
+
+def _quantize(model: nn.Module, config: QuantConfig | None,
+              example_input: torch.Tensor | None) -> nn.Module:  # fmt: skip
     cfg = config or QuantConfig()
     # Checked first: a fully converted model has no plain nn.Conv2d / nn.Linear left, and the
     # "no quantizable layer" error below would hide the real cause.

@@ -237,27 +237,38 @@ def activation_peak_step(model: nn.Module) -> tuple[str, list[str]] | None:
 
 
 def min_weight_bits(model: nn.Module) -> float:
-    """The smallest ``S_w`` the bounds allow (every quantizer at its ``b_min``)."""
+    """The smallest ``S_w`` the bounds and bit sets allow (every quantizer at its
+    :attr:`~mixq.quant.base.Quantizer.min_bits`: ``b_min``, or the smallest ``bit_set`` member)."""
     total = 0.0
     for _, m in _layers(model):
         for attr in ("weight", "bias"):
             t = getattr(m, attr)
             if t is not None:
                 q = getattr(m, f"{attr}_quantizer", None)
-                total += (q.bounds.b_min if q else FLOAT_BITS) * t.numel()
+                total += (q.min_bits if q else FLOAT_BITS) * t.numel()
     return total
 
 
 def min_activation_bits(model: nn.Module, reduction: str) -> float:
-    """The smallest activation memory the bounds allow."""
+    """The smallest activation memory (``reduction`` sum, max or peak) the bounds and bit sets
+    allow (every site at its ``min_bits``; float sites at 32 bits)."""
     sites = activation_sites(model)
-    vals = [(s.quantizer.bounds.b_min if s.quantizer else FLOAT_BITS) * s.numel for s in sites]
+    vals = [(s.quantizer.min_bits if s.quantizer else FLOAT_BITS) * s.numel for s in sites]
     if not vals:
         return 0.0
     if reduction == "peak":
         alive = site_table(model).alive.double()
         return float((alive @ torch.tensor(vals, dtype=torch.float64)).max())
     return sum(vals) if reduction == "sum" else max(vals)
+
+
+def smallest_sizes(model: nn.Module) -> dict[str, float]:
+    """The smallest achievable size in bits of each measure: ``{"weight", "activation_sum",
+    "activation_max", "activation_peak"}`` at every quantizer's ``min_bits``."""
+    out = {"weight": min_weight_bits(model)}
+    for name, reduction in _ACTIVATION_TERMS:
+        out[name] = min_activation_bits(model, reduction)
+    return out
 
 
 _ACTIVATION_TERMS = (("activation_sum", "sum"), ("activation_max", "max"),
@@ -283,12 +294,45 @@ class Budget:
     lam: float = 0.1
     activation_peak: float | None = None
 
+    def __post_init__(self) -> None:
+        for name, target in self._targets().items():
+            if target is not None and (isinstance(target, bool) or not
+                                       (isinstance(target, (int, float)) and target > 0
+                                        and math.isfinite(target))):  # fmt: skip
+                raise ValueError(f"Budget.{name}={target!r} must be a positive, finite number "
+                                 "of bytes (or None: no constraint)")  # fmt: skip
+        lam = self.lam
+        if isinstance(lam, bool) or not (isinstance(lam, (int, float)) and math.isfinite(lam)
+                                         and lam >= 0):  # fmt: skip
+            raise ValueError(f"Budget.lam={lam!r} must be a finite number in [0, inf) "
+                             "(the penalty weight; typical: 0.1)")  # fmt: skip
+
     @classmethod
     def parse(cls, weight=None, activation_sum=None, activation_max=None, lam=0.1,
               activation_peak=None) -> Budget:  # fmt: skip
-        """Build from strings such as ``"70KB"``; raises ``ValueError`` for bad sizes."""
+        """Build from sizes such as ``"70KB"`` or a number of bytes; None: no constraint.
+
+        Raises ``ValueError`` for a size that is not positive and finite (0, False and ""
+        included: the CLI's rule, there is no "zero means off") and for a ``lam`` that is not
+        a finite number >= 0.
+        """
+        names = ("weight", "activation_sum", "activation_max", "activation_peak")
         given = (weight, activation_sum, activation_max, activation_peak)
-        w, s, m, p = [None if v in (None, "", 0) else parse_size(v) for v in given]
+        sizes = []
+        for name, v in zip(names, given, strict=True):
+            if v is None:
+                sizes.append(None)
+                continue
+            if isinstance(v, bool):
+                raise ValueError(f"{name}={v!r}: give a size such as '70KB' (or None for no "
+                                 "constraint)")  # fmt: skip
+            try:
+                sizes.append(parse_size(v))
+            except ValueError as e:
+                raise ValueError(f"{name}: {e} (None: no constraint)") from None
+        w, s, m, p = sizes
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise ValueError(f"lam={lam!r} must be a finite number >= 0")
         return cls(w, s, m, lam=float(lam), activation_peak=p)
 
     def _targets(self) -> dict[str, float | None]:
@@ -329,18 +373,22 @@ class Budget:
         return out
 
     def check_feasible(self, model: nn.Module) -> None:
-        """Raise a ``ValueError`` when a target is below what the bitwidth bounds allow."""
-        for name, target in self._targets().items():
-            if target is None:
-                continue
-            need = (min_weight_bits(model) if name == "weight"
-                    else min_activation_bits(model, dict(_ACTIVATION_TERMS)[name]))  # fmt: skip
-            if target * 8 < need:
-                raise ValueError(
-                    f"impossible {name} budget {target / 1024:.2f} KiB: even with every "
-                    f"quantizer at its minimum bitwidth the model needs "
-                    f"{need / BITS_PER_KIB:.2f} KiB; raise the budget or lower b_min"
-                )
+        """Raise a ``ValueError`` when a target is below what the bitwidth bounds and bit sets
+        allow; the message gives the smallest achievable size of every measure."""
+        smallest = smallest_sizes(model)
+        bad = [(name, target) for name, target in self._targets().items()
+               if target is not None and target * 8 < smallest[name]]  # fmt: skip
+        if bad:
+            what = "; ".join(f"impossible {name} budget {t / 1024:.2f} KiB (the smallest "
+                             f"achievable is {smallest[name] / BITS_PER_KIB:.2f} KiB)"
+                             for name, t in bad)  # fmt: skip
+            table = ", ".join(f"{k} {v / BITS_PER_KIB:.2f} KiB" for k, v in smallest.items())
+            raise ValueError(
+                f"{what}. With every quantizer at its smallest allowed "
+                f"bitwidth (b_min or the smallest bit_set member) the model needs: {table}. "
+                "Raise the budget, lower b_min / allow smaller bitwidths in bit_set, or quantize "
+                "the sites that stay float"
+            )
 
     def penalty(self, model: nn.Module) -> Tensor:
         """``sum_j lambda * relu(S_j - S_0,j)^2`` with sizes in KiB (Eq. 10)."""
@@ -429,5 +477,6 @@ __all__ = [
     "layer_ops",
     "parse_size",
     "scaled_lambda",
+    "smallest_sizes",
     "weight_bits",
 ]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from mixq.convert import quantizer_parameters, quantizers
 from mixq.cost import Budget
 from mixq.quant.base import Quantizer
-from mixq.quant.group import QuantizerGroups, share_derived
+from mixq.quant.group import QuantizerGroups, check_cached, share_derived
 
 
 def param_groups(
@@ -100,17 +100,33 @@ class QATStep:
         self.groups = QuantizerGroups(self.quantizers)
         # every forward of the model derives all quantizers' d_q / x_hi (or x_min / x_max) at once
         self.shared = share_derived(model, self.quantizers)
+        #: replaces ``budget.penalty(model)`` when set (e.g. ``DualController.penalty``)
+        self.penalty_fn: Callable[[], Tensor] | None = None
+        #: False turns the penalty off (after the bits are frozen it has nothing to move)
+        self.penalty_enabled = True
         wrap: Callable = torch.compile if compile else (lambda f: f)
         self._penalty = wrap(self._penalty_eager)
         self._before = wrap(self._before_eager)
         self._after = wrap(self._after_eager)
 
     def _penalty_eager(self) -> Tensor:
+        if self.penalty_fn is not None:
+            return self.penalty_fn()
         return self.budget.penalty(self.model)
 
     def penalty(self, like: Tensor) -> Tensor:
-        """The memory penalty (a 0-d tensor like ``like``; zero without a budget)."""
-        return self._penalty() if self.budget.active else like.new_zeros(())
+        """The memory penalty (a 0-d tensor like ``like``; zero without a budget or with
+        ``penalty_enabled`` False); ``penalty_fn`` when set, else Eq. 10."""
+        if not (self.budget.active and self.penalty_enabled):
+            return like.new_zeros(())
+        self._check()
+        return self._penalty()
+
+    def _check(self) -> None:
+        # eagerly, before compiled code that skips it: regroup a quantizer whose bits were
+        # frozen or whose bounds changed (O(1) when no quantizer attribute was set)
+        self.groups.check()
+        check_cached(self.model)
 
     def _before_eager(self) -> None:
         # no_grad as a block, not a decorator: dynamo would see the decorator's one code object
@@ -127,6 +143,7 @@ class QATStep:
     def before_optimizer_step(self) -> None:
         """Weight decay then clipping of the quantizer gradients (spec 3.6 steps 3-4)."""
         if self.params and (self.weight_decay or self.clip):
+            self._check()
             self._before()
 
     def _after_eager(self) -> None:
@@ -136,6 +153,7 @@ class QATStep:
     def after_optimizer_step(self) -> None:
         """Project every quantizer's parameters into their bounds (spec 1.5)."""
         if self.quantizers:
+            self._check()
             self._after()
 
     def __call__(self, loss: Tensor) -> tuple[Tensor, Tensor]:

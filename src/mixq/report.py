@@ -339,11 +339,14 @@ def _act_row(model: nn.Module, site: Site) -> ActivationRow:
                          site.note)  # fmt: skip
 
 
-def _budget_rows(model: nn.Module, budget: Budget) -> list[BudgetRow]:
+def _budget_rows(model: nn.Module, budget: Budget, has_sites: bool) -> list[BudgetRow]:
+    """One row per set constraint. Without activation sites (a float model) an activation
+    constraint is NOT met: its 0 KiB is "not measured", not a memory that fits."""
     with torch.no_grad():
         terms = budget.terms(model)
         met = budget.satisfied(model)
-    return [BudgetRow(k, float(s) / BITS_PER_KIB, t / BITS_PER_KIB, met[k])
+    return [BudgetRow(k, float(s) / BITS_PER_KIB, t / BITS_PER_KIB,
+                      met[k] and (has_sites or k == "weight"))
             for k, (s, t) in terms.items()]  # fmt: skip
 
 
@@ -436,11 +439,17 @@ def report(model: nn.Module, budget: Budget | None = None) -> Report:
     )
     mode = table.mode if table else "relu"
     warning = float_sites_warning(model, budget) if budget is not None else None
+    if budget is not None and budget.activation_active and not acts:
+        warning = ("the model has no activation sites (never quantized with "
+                   "mixq.quantize_model): its activation memory is not measured, so the "
+                   "activation budget is reported NOT MET")  # fmt: skip
+    active = budget is not None and budget.active
+    rows = _budget_rows(model, budget, bool(acts)) if active else []
     return Report(
         layers=layers,
         activations=acts,
         totals=totals,
-        budget=_budget_rows(model, budget) if budget is not None and budget.active else [],
+        budget=rows,
         first_layer=layers[0].name if layers else None,
         last_layer=layers[-1].name if layers else None,
         float_sites=float_sites,

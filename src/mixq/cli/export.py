@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -33,7 +34,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="fold batch norms into the convs and re-quantize the folded weights",
     )
-    p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: 21 onnx, 18 qonnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset, >= 18 (default: 21 onnx, 18 "
+                   "qonnx; 25 stores <= 2-bit weights as INT2)")  # fmt: skip
     p.add_argument("--batch", default="default", metavar="N|dynamic",
                    help="ONNX formats: batch dimension of the file: 'dynamic' (symbolic, the "
                         "onnx default) or a fixed size N (qonnx default 1: the qonnx executor "
@@ -53,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from mixq.export import export, format_fold_report
     from mixq.train.build import load_model
 
+    out, src = Path(args.output), Path(args.checkpoint)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"-o {args.output!r} is the input checkpoint: exporting would overwrite "
+                         "it; give another output file")  # fmt: skip
+    if out.is_dir():
+        raise ValueError(f"-o {args.output!r} is a directory: give an output file name")
     model, _ = load_model(args.checkpoint)
     batch: int | str | None = args.batch
     if batch == "dynamic":
@@ -86,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if result.format == "qonnx":
         print("note: QONNX stores weights as float32 values followed by Quant nodes (its "
               "convention), so its file is about 32/b times the report")  # fmt: skip
+    if result.format == "onnx" and (args.opset or 21) < 25 and (n2 := _two_bit_tensors(model)):
+        print(f"note: {n2} tensors of <= 2 bits are stored as INT4 (ONNX's narrowest type before "
+              "opset 25); --opset 25 stores them as INT2")  # fmt: skip
     if result.quantized_bytes is not None:
         print(f"bit-packed quantized tensors: {result.quantized_bytes} bytes")
     if result.fold:
@@ -96,3 +107,10 @@ def run(args: argparse.Namespace) -> int:
             print("note: folded pre-activations often sit exactly on rounding ties; --ties away "
                   "makes the ONNX activations round exactly as mixq does")  # fmt: skip
     return 0
+
+
+def _two_bit_tensors(model) -> int:
+    """How many quantized weights and biases have a bitwidth of at most 2."""
+    qs = [getattr(m, a, None) for m in model.modules() for a in ("weight_quantizer",
+                                                                 "bias_quantizer")]  # fmt: skip
+    return sum(1 for q in qs if q is not None and q.bitwidth <= 2)

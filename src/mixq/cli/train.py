@@ -112,9 +112,15 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         for line in header(cfg, name, args):
             print(line)
-    summary = fit(
-        cfg, run_dir, resume=args.resume, data_dir=args.data_dir, progress=not args.no_progress
-    )
+    try:
+        summary = fit(
+            cfg, run_dir, resume=args.resume, data_dir=args.data_dir, progress=not args.no_progress
+        )
+    except KeyboardInterrupt:
+        if (run_dir / "last.pt").is_file():
+            print(f"\nthe completed epochs are in {run_dir}; continue with: mixq train --resume "
+                  f"--run-dir {run_dir}")  # fmt: skip
+        raise
     if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0
     print((run_dir / "report.txt").read_text())

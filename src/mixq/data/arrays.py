@@ -62,10 +62,23 @@ class DatasetArrays:
         The training loader drops incomplete (global) batches; under DDP it is a
         :class:`RankTensorLoader` and the test loader covers this rank's
         :func:`~mixq.data.sharding.eval_shard`. Crop and flip apply to images of at least
-        16 px (the 8x8 digits are never augmented).
+        16 px: ``spec.augment=True`` on smaller images (the 8x8 digits) is an error (None,
+        the default: off there), as is a ``crop_pad`` not smaller than the image.
         """
         common = {"device": spec.device, "channels_last": spec.channels_last, "seed": spec.seed}
-        augment = spec.augment and self.input_shape[-1] >= 16
+        side = min(self.input_shape[-2:])
+        if spec.augment and side < 16:  # asked for (True): an error, not silently off
+            raise ValueError(
+                f"data.augment: the random crop and flip apply to images of at least 16 px; "
+                f"{self.name} images are {self.input_shape[-2]}x{self.input_shape[-1]}: set "
+                "data.augment=false"
+            )
+        augment = side >= 16 if spec.augment is None else spec.augment
+        if augment and spec.crop_pad >= side:
+            raise ValueError(
+                f"data.crop_pad={spec.crop_pad} must be smaller than the {side} px images of "
+                f"{self.name} (the crop would shift them out of the frame); default 4, 0: no crop"
+            )
         args = (self.x_train, self.y_train, spec.batch_size)
         kw = {"train": True, "augment": augment, "drop_last": True, "flip_mode": spec.flip,
               "crop_pad": spec.crop_pad, **common}  # fmt: skip

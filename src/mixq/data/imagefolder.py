@@ -352,7 +352,7 @@ class ImageFolderData:
         """Training loader (rank-sharded global batches) and test loader (this rank's part)."""
         common = device_loader_options(spec)
         idx, size, resize = self.index, self.image_size, self.resize_size
-        train_ds = ImageFolderDataset(idx.train, size, True, spec.augment, resize)
+        train_ds = ImageFolderDataset(idx.train, size, True, spec.augment is not False, resize)
         val_ds = ImageFolderDataset(idx.val, size, False, False, resize)
         sampler = GlobalBatchSampler(len(idx.train), spec.batch_size, spec.rank, spec.world,
                                      spec.seed, True)  # fmt: skip

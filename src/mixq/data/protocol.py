@@ -45,8 +45,9 @@ class LoaderSpec:
         device: where batches are delivered.
         channels_last: deliver images in ``torch.channels_last`` memory format.
         rank: this process's rank; ``world``: the number of processes.
-        augment: training augmentation on (crop + flip in memory; random-resized crop + flip
-            when streaming).
+        augment: training augmentation (crop + flip in memory; random-resized crop + flip
+            when streaming): True on, False off, None (default) on where it applies (in
+            memory: images of at least 16 px). True where it cannot apply is an error.
         flip: ``"random"`` or ``"alternating"`` (in-memory datasets only).
         crop_pad: padding of the random crop (in-memory datasets only; 0: no crop).
         random_resized_crop: streaming datasets' training crop (False: resize + centre crop).
@@ -60,7 +61,7 @@ class LoaderSpec:
     channels_last: bool = False
     rank: int = 0
     world: int = 1
-    augment: bool = True
+    augment: bool | None = None
     flip: Literal["random", "alternating"] = "random"
     crop_pad: int = 4
     random_resized_crop: bool = True

@@ -299,7 +299,7 @@ class ShardData:
         sampler = GlobalBatchSampler(n, spec.batch_size, spec.rank, spec.world, spec.seed)
         stored, size = ix["train_size"], ix["size"]
         aug: Any = _TrainAugment(sampler, n, stored, size, spec.seed, spec.random_resized_crop)
-        if not spec.augment:
+        if spec.augment is False:  # None: on (it always applies here)
             aug = partial(_centre, size=size)
         train_ds = ShardBatches(r / "train_x.npy", r / "train_y.npy")
         train = DeviceLoader(train_ds, sampler, whole_batches=True, transform=aug, **common)

@@ -43,6 +43,7 @@ def quantizer_spec(q: Quantizer) -> dict[str, Any]:
         "params": {n: float(getattr(q, n).detach()) for n in q.param_names},
         "bounds": dataclasses.asdict(q.bounds),
         "bitwidth": q.bitwidth,
+        "bit_set": list(q.bit_set) if q.bit_set is not None else None,
     }
     with torch.no_grad():
         a, b = (float(v) for v in q.derived())
@@ -59,7 +60,8 @@ def build_quantizer(spec: dict[str, Any]) -> Quantizer:
     """Rebuild the quantizer of :func:`quantizer_spec`; its derived values must match."""
     try:
         cls = QUANTIZER_KINDS[spec["kind"]]
-        kwargs: dict[str, Any] = {"signed": spec["signed"], "learnable": spec["learnable"]}
+        kwargs: dict[str, Any] = {"signed": spec["signed"], "learnable": spec["learnable"],
+                                  "bit_set": spec.get("bit_set")}  # fmt: skip
         if spec["kind"] == "uniform":
             kwargs["pow2_step"] = spec["pow2_step"]
         else:
@@ -98,8 +100,21 @@ class Encoded:
     meta: dict[str, Any]
 
 
-def _stored_bits(name: str, declared: int, needed: int) -> int:
-    """``declared`` when the codes fit (the usual case), else ``needed`` with a warning."""
+def _stored_bits(name: str, declared: int, needed: int,
+                 bit_set: tuple[int, ...] | None = None) -> int:  # fmt: skip
+    """``declared`` when the codes fit (the usual case), else ``needed`` with a warning;
+    with a ``bit_set`` the stored width is always a member (a target runs only those)."""
+    if bit_set is not None:
+        if declared not in bit_set:
+            raise ExportError(f"{name}: bitwidth {declared} is not in its bit_set {list(bit_set)}")
+        if needed > declared:
+            wider = [b for b in bit_set if b >= needed]
+            if not wider:
+                raise ExportError(
+                    f"{name}: its codes need {needed} bits, more than its bit_set "
+                    f"{list(bit_set)} allows"
+                )
+            needed = wider[0]
     if max(needed, declared) > MAX_BITS:
         raise ExportError(
             f"{name}: bitwidth {declared} (codes need {needed} bits); the exporters support "
@@ -128,7 +143,7 @@ def encode(name: str, q: Quantizer, t: Tensor) -> Encoded:
         codes = round_half_away(y / d_q)  # y = code * d_q: the division is exact or nearly
         arr = codes.to(torch.int64).numpy()
         lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-        bits = _stored_bits(name, declared, bits_needed(lo, hi, q.signed))
+        bits = _stored_bits(name, declared, bits_needed(lo, hi, q.signed), q.bit_set)
         enc = Encoded(arr, bits, q.signed, {})
         enc.meta = {"encoding": "twos_complement" if q.signed else "unsigned", "d": spec["d"],
                     "k": spec["k"]}  # fmt: skip
@@ -141,7 +156,7 @@ def encode(name: str, q: Quantizer, t: Tensor) -> Encoded:
         e = torch.round(e).to(torch.int64)
         m = (e + 1) * nz if q.with_zero else e
         m_needed = (spec["L"] + int(q.with_zero)).bit_length()
-        bits = _stored_bits(name, declared, int(q.signed) + m_needed)
+        bits = _stored_bits(name, declared, int(q.signed) + m_needed, q.bit_set)
         m_bits = bits - int(q.signed)
         arr = ((neg << m_bits) | m).numpy() if q.signed else m.numpy()
         enc = Encoded(arr, bits, False, {})

@@ -5,7 +5,8 @@ PyTorch can export is exported. mixq contributes only the quantization nodes and
 storage: inside :func:`mixq.export.quant_nodes.export_mode` each quantizer emits its own nodes
 (see there for the node groups of each format). After conversion the integer codes of tensors
 with at most 4 bits are narrowed to ``INT4``/``UINT4`` initializers (opset >= 21; two codes per
-byte, ONNX's narrowest integer type), PyTorch's per-node debug metadata is dropped, and the
+byte), those with at most 2 bits to ``INT2``/``UINT2`` (opset >= 25; four per byte, ONNX's
+narrowest integer type; 3-bit codes take 4), PyTorch's per-node debug metadata is dropped, and the
 file records in ``metadata_props``: ``mixq.format``, ``mixq.tensors`` (per tensor: kind, bits,
 storage type, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.activations`` (per activation
 quantizer: kind, bitwidth, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.arch``,
@@ -137,8 +138,17 @@ def _require_exporter() -> None:
                           "exporter): pip install 'mixq[onnx]'") from e  # fmt: skip
 
 
+def narrow_width(bits: int, opset: int) -> int | None:
+    """The packed ONNX integer width for codes of ``bits`` bits: 2 (INT2/UINT2, opset >= 25)
+    for <= 2 bits, 4 (INT4/UINT4, opset >= 21) for <= 4 bits, else None (INT8/INT16)."""
+    if bits <= 2 and opset >= 25:
+        return 2
+    return 4 if bits <= 4 and opset >= 21 else None
+
+
 def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
-    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21) and record each storage type.
+    """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21), of <= 2 bits as INT2/UINT2
+    (opset >= 25), and record each storage type.
 
     The codes initializer of a tensor is found from its node (``mixq.tensor`` metadata), not by
     name: PyTorch's optimizer merges identical initializers and nodes (e.g. two all-zero
@@ -165,16 +175,65 @@ def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
                               "report this with the model")  # fmt: skip
         init = inits[key]
         signed = rec["kind"] == "uniform"
-        if rec["bits"] <= 4 and opset >= 21 and key not in done:
+        width = narrow_width(rec["bits"], opset)
+        if width and key not in done:
             codes = onnx.numpy_helper.to_array(init)
-            dtype = tp.INT4 if signed else tp.UINT4
-            raw = pack_bits(codes.astype(np.int64), 4, signed)
+            dtype = {(2, True): tp.INT2, (2, False): tp.UINT2,
+                     (4, True): tp.INT4, (4, False): tp.UINT4}[(width, signed)]  # fmt: skip
+            raw = pack_bits(codes.astype(np.int64), width, signed)
             init.CopyFrom(onnx.helper.make_tensor(key, dtype, list(codes.shape), raw, raw=True))
             for vi in proto.graph.value_info:
                 if vi.name == key:
                     vi.type.tensor_type.elem_type = dtype
         done.add(key)
         rec["storage"] = tp.DataType.Name(init.data_type)
+
+
+#: Ops that only move elements: a per-tensor Quantize/DequantizeLinear pair commutes with them.
+_VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+
+
+def _qdq_after_views(onnx: Any, proto: Any) -> None:
+    """Move every activation ``QuantizeLinear -> DequantizeLinear`` pair that feeds a view op
+    (Reshape, Flatten, Squeeze, Unsqueeze, Transpose) to the view's output.
+
+    Exact, since a per-tensor pair is elementwise and a view only moves elements; and needed,
+    because onnxruntime's QDQ propagation (its default ``ORT_ENABLE_ALL`` optimizations,
+    1.32) rewrites ``DequantizeLinear(INT8) -> Reshape`` into an invalid graph (``output_dtype
+    INT8 does not match y_zero_point type UINT8``, cf. microsoft/onnxruntime#27845): a signed
+    activation before a flatten (hard-swish or tanh, then a classifier) would not load.
+    A pair whose output has no reader left is removed.
+    """
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    nodes = []
+    for n in g.node:
+        dq = producer.get(n.input[0]) if n.op_type in _VIEW_OPS and n.input else None
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
+            else None  # fmt: skip
+        if q is None or q.op_type != "QuantizeLinear":
+            nodes.append(n)
+            continue
+        out = n.output[0]
+        n.input[0], n.output[0] = q.input[0], f"{out}__float"
+        new_q = onnx.helper.make_node("QuantizeLinear", [n.output[0], *q.input[1:]],
+                                      [f"{out}__q"], name=f"{n.name}__q")  # fmt: skip
+        new_dq = onnx.helper.make_node("DequantizeLinear", [new_q.output[0], *dq.input[1:]],
+                                       [out], name=f"{n.name}__dq")  # fmt: skip
+        for old, copy in ((q, new_q), (dq, new_dq)):
+            copy.attribute.extend(old.attribute)
+            copy.metadata_props.extend(old.metadata_props)
+        producer.update({n.output[0]: n, new_q.output[0]: new_q, out: new_dq})
+        nodes += [n, new_q, new_dq]
+    while True:  # drop the pairs nothing reads any more (a DQ first, then its Q)
+        read = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+        kept = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                or any(o in read for o in n.output)]  # fmt: skip
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _strip_debug(proto: Any, keep_shapes: bool) -> None:
@@ -270,6 +329,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
     onnxscript.optimizer.optimize_ir(onnx_program.model, input_size_limit=1)
     proto = onnx_program.model_proto
     _narrow_codes(onnx, proto, emitter, opset)
+    if format == "onnx":
+        _qdq_after_views(onnx, proto)
     _strip_debug(proto, keep_shapes=format == "qonnx")
     _set_batch(proto, batch)
     meta = {"mixq.format": "onnx-qdq" if format == "onnx" else "qonnx",

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -81,6 +82,8 @@ FORMAT = "mixq-packed"
 VERSION = 1
 _HEADER = struct.Struct("<8sIIQ")
 _ZLIB = 1
+#: The largest manifest read (decompressed): a model's manifest is a few hundred KB.
+MAX_MANIFEST_BYTES = 64 * 1024**2
 
 
 def output_scale(model: nn.Module) -> torch.Tensor | None:
@@ -218,7 +221,15 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], bytes]:
         raise PackedFormatError(f"{path}: truncated file (manifest incomplete)")
     try:
         blob = data[_HEADER.size : end]
-        manifest = json.loads((zlib.decompress(blob) if flags & _ZLIB else blob).decode("utf-8"))
+        if flags & _ZLIB:  # bounded: a small zlib bomb must not take gigabytes of memory
+            inflate = zlib.decompressobj()
+            blob = inflate.decompress(blob, MAX_MANIFEST_BYTES)
+            if inflate.unconsumed_tail or not inflate.eof:
+                raise PackedFormatError(f"{path}: corrupt manifest (over {MAX_MANIFEST_BYTES} "
+                                        "bytes decompressed, or incomplete)")  # fmt: skip
+        if len(blob) > MAX_MANIFEST_BYTES:
+            raise PackedFormatError(f"{path}: corrupt manifest (over {MAX_MANIFEST_BYTES} bytes)")
+        manifest = json.loads(blob.decode("utf-8"))
         ok = isinstance(manifest, dict) and isinstance(manifest.get("tensors"), list)
     except (UnicodeDecodeError, json.JSONDecodeError, zlib.error) as e:
         raise PackedFormatError(f"{path}: corrupt manifest ({e})") from None
@@ -230,6 +241,8 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], bytes]:
                                 f"{FORMAT!r} {VERSION}")  # fmt: skip
     payload = data[end:]
     size = manifest.get("payload_bytes")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise PackedFormatError(f"{path}: corrupt manifest (payload_bytes {size!r})")
     if len(payload) < size:
         raise PackedFormatError(f"{path}: truncated file: payload has {len(payload)} of {size} "
                                 "bytes")  # fmt: skip
@@ -243,19 +256,32 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], bytes]:
 def _tensor(entry: dict[str, Any], payload: bytes) -> torch.Tensor:
     try:
         shape, off, nb = tuple(entry["shape"]), entry["offset"], entry["nbytes"]
-        if off < 0 or off + nb > len(payload):
+        if not all(_is_count(v) for v in (*shape, off, nb)):
+            raise ValueError(f"shape {list(shape)}, offset {off!r}, nbytes {nb!r}: expected "
+                             "integers >= 0")  # fmt: skip
+        if off + nb > len(payload):
             raise ValueError("byte range outside the payload")
+        n = math.prod(shape)  # exact (no int64 overflow); checked against nbytes before use
         chunk = payload[off : off + nb]
         if entry["storage"] == "raw":
-            arr = np.frombuffer(chunk, dtype=np.dtype(entry["dtype"]).newbyteorder("<"))
+            dtype = np.dtype(entry["dtype"])
+            if dtype.kind not in "fiub" or n * dtype.itemsize != nb:
+                raise ValueError(f"{nb} bytes for {n} values of dtype {dtype}")
+            arr = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
             return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(shape)
-        n = int(np.prod(shape, dtype=np.int64))
-        if nb != packed_nbytes(n, entry["bits"]):
-            raise ValueError(f"{nb} bytes for {n} {entry['bits']}-bit codes")
+        bits = entry["bits"]
+        if not _is_count(bits) or not 1 <= bits <= 32:
+            raise ValueError(f"bits {bits!r} not in [1, 32]")
+        if nb != packed_nbytes(n, bits):
+            raise ValueError(f"{nb} bytes for {n} {bits}-bit codes")
         signed = entry["encoding"] == "twos_complement"
-        return decode(entry, unpack_bits(chunk, n, entry["bits"], signed), shape)
-    except (KeyError, TypeError, ValueError) as e:
+        return decode(entry, unpack_bits(chunk, n, bits, signed), shape)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as e:
         raise PackedFormatError(f"corrupt tensor entry {entry.get('name')!r}: {e}") from None
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -263,7 +289,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _skeleton(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
+def _skeleton(manifest: dict[str, Any], model: nn.Module | None, max_numel: int) -> nn.Module:
     if model is None:
         arch = manifest.get("arch")
         if not arch:
@@ -271,7 +297,20 @@ def _skeleton(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
                 "the file has no architecture reference (model.mixq_arch was unset at export): "
                 "pass load_packed(path, model=skeleton)"
             )
-        model = create_model(arch["name"], **arch.get("kwargs", {}))
+        try:
+            if not isinstance(arch, dict) or not isinstance(arch.get("kwargs", {}), dict):
+                raise TypeError(f"arch {arch!r} is not {{name, kwargs}}")
+            # Sizes first, on the meta device (no memory): a crafted width must not make the
+            # real build allocate terabytes. The file's tensors bound what a fitting model has.
+            with torch.device("meta"):
+                probe = create_model(arch["name"], **arch.get("kwargs", {}))
+            need = sum(p.numel() for p in probe.parameters())
+            if need > 4 * max_numel + 2**20:  # slack: folded batch norms left the file
+                raise ValueError(f"the architecture has {need} parameters but the file holds "
+                                 f"{max_numel} values")  # fmt: skip
+            model = create_model(arch["name"], **arch.get("kwargs", {}))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise PackedFormatError(f"the file's architecture cannot be built: {e}") from None
         model.mixq_arch = arch
     return to_float(model)
 
@@ -290,13 +329,16 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             built from the manifest's ``arch`` with :func:`mixq.models.create_model`.
     """
     manifest, payload = read_packed(path)
-    model = _skeleton(manifest, model)
+    try:  # every tensor is decoded (sizes checked against the payload) before any model
+        tensors = {e["name"]: e for e in manifest["tensors"]}
+        state = {name: _tensor(e, payload) for name, e in tensors.items()}
+    except (KeyError, TypeError) as e:
+        raise PackedFormatError(f"{path}: corrupt manifest (tensor list: {e!r})") from None
+    model = _skeleton(manifest, model, sum(t.numel() for t in state.values()))
     mods = dict(model.named_modules())
     try:
         for bn in manifest.get("folded_bn", []):
             _replace(model, bn, nn.Identity())
-        tensors = {e["name"]: e for e in manifest["tensors"]}
-        state = {name: _tensor(e, payload) for name, e in tensors.items()}
         for mname, m in mods.items():
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
@@ -320,16 +362,19 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 q.to(p.device)
             _replace(model, act["module"], QuantAct(q, cap=act["cap"]))
         _attach_outputs_and_inputs(model, manifest)
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as e:
         raise PackedFormatError(f"{path}: manifest does not match the model: {e!r}") from None
     if manifest.get("logit_scale") and not hasattr(model, "logit_scale"):
         add_logit_scale(model)
     _load_state(model, state, path)
-    sites = manifest.get("site_config") or {"mode": "relu", "uncounted": []}
-    model.mixq_site_config = (sites["mode"], tuple(sites["uncounted"]))
-    model.mixq_folded_bn = list(manifest.get("folded_bn", []))
-    if manifest.get("input_shape"):
-        record_sizes(model, input_shape=tuple(manifest["input_shape"]))
+    try:
+        sites = manifest.get("site_config") or {"mode": "relu", "uncounted": []}
+        model.mixq_site_config = (sites["mode"], tuple(sites["uncounted"]))
+        model.mixq_folded_bn = list(manifest.get("folded_bn", []))
+        if manifest.get("input_shape"):
+            record_sizes(model, input_shape=tuple(manifest["input_shape"]))
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, IndexError) as e:
+        raise PackedFormatError(f"{path}: corrupt manifest (sites or input shape: {e!r})") from None
     return model.eval()
 
 

@@ -8,6 +8,7 @@ forward hooks see the true pre-activation inputs.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -65,6 +66,14 @@ def create_model(name: str, num_classes: int | None = None, **kwargs: object) ->
         raise ValueError(f"Unknown model {name!r}; valid choices are: {valid}.{hint}")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ValueError(
+                f"model {name!r} takes no argument(s) {unknown} (model.kwargs); its arguments: "
+                f"{sorted(params)}"
+            )
     return factory(**kwargs)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.quant.bounds import MARGIN, Bounds
-from mixq.quant.ste import clip_scalar
+from mixq.quant.ste import clip_scalar, ste_round
 
 #: The spec string of each parametrization: ``kind/parametrization`` -> its two parameters.
 PARAMETRIZATIONS: dict[str, tuple[str, str]] = {
@@ -56,6 +56,44 @@ def check_parametrization(kind: str, parametrization: str) -> tuple[str, str]:
     return PARAMETRIZATIONS[key]
 
 
+def check_bit_set(
+    bit_set: tuple[int, ...] | list[int] | None, bounds: Bounds, what: str = "quantizer"
+) -> tuple[int, ...] | None:
+    """``bit_set`` sorted and deduplicated, or a ``ValueError`` naming the fix.
+
+    Every member must be an integer inside ``[b_min, b_max]``: outside, no parameter value
+    gives that bitwidth (U1/U2/P1/P2 clip ``b``), or the budget feasibility check could
+    not rely on ``b_min``.
+    """
+    if bit_set is None:
+        return None
+    vals = list(bit_set)
+    if not vals or any(isinstance(v, bool) or int(v) != v for v in vals):
+        raise ValueError(f"{what}: bit_set {vals!r} must be a non-empty list of integers")
+    out = tuple(sorted({int(v) for v in vals}))
+    bad = [v for v in out if not bounds.b_min <= v <= bounds.b_max]
+    if bad:
+        raise ValueError(
+            f"{what}: bit_set {list(out)} has {bad} outside the bitwidth bounds "
+            f"[b_min={bounds.b_min:g}, b_max={bounds.b_max:g}]; drop them or change "
+            "b_min/b_max in the site's bounds"
+        )
+    return out
+
+
+def bits_interval(bits: int, levels: list[int], offset: int) -> tuple[int, int]:
+    """``[n_lo, n_hi]``: the integers ``n >= 0`` charged exactly ``bits`` when the charge is
+    ``min{l in levels : l >= max(bitlength(n) + offset, min(levels))}``.
+
+    U3: ``n = k = round(x_hi / d_q)``, ``offset = [signed]``; P3: ``n = L``, ``offset = 1``
+    (spec 5.2). ``n_hi = 2^(bits - offset) - 1``; ``n_lo = 2^(P - offset)`` with ``P`` the
+    largest level below ``bits`` (0 when there is none).
+    """
+    below = [v for v in levels if v < bits]
+    lo = 0 if not below else 2 ** max(max(below) - offset, 0)
+    return lo, 2 ** (bits - offset) - 1
+
+
 class Quantizer(nn.Module):
     """Common machinery of :class:`UniformQuantizer` and :class:`Pow2Quantizer`.
 
@@ -66,6 +104,13 @@ class Quantizer(nn.Module):
         bounds: ranges of the raw parameters (spec 1.4, 2.3).
         numel: elements the quantized tensor holds (per sample for activations); set by
             ``mixq.quantize_model`` and used by the memory model. ``None`` until known.
+        bit_set: the bitwidths this site may take (e.g. ``(4, 8)`` for an int4/int8 target),
+            or None for every integer in ``[b_min, b_max]``. U1/U2/P1/P2 use the member
+            nearest to ``clip(b)`` (ties to the smaller); U3/P3 are charged the smallest
+            member at least their range's bitwidth, and the projection keeps that range
+            within the largest member.
+        frozen_bits: set by :meth:`freeze_bits_`: the projection then keeps the bitwidth
+            at this value while the step size trains (see :meth:`freeze_bits_`).
     """
 
     kind: str = ""
@@ -77,6 +122,7 @@ class Quantizer(nn.Module):
         bounds: Bounds,
         values: dict[str, float | None],
         learnable: bool = True,
+        bit_set: tuple[int, ...] | list[int] | None = None,
     ) -> None:
         super().__init__()
         self.param_names = check_parametrization(self.kind, parametrization)
@@ -85,6 +131,11 @@ class Quantizer(nn.Module):
         self.bounds = bounds
         self.learnable = learnable
         self.numel: int | None = None
+        self.bit_set = check_bit_set(bit_set, bounds, f"{self.kind}/{parametrization}")
+        #: the bitwidth held by the projection after :meth:`freeze_bits_` (None: learned)
+        self.frozen_bits: int | None = None
+        #: U3/P3 frozen: the held step ``d_q`` / smallest magnitude ``x_min``
+        self.held_scale: float | None = None
         given = {k: v for k, v in values.items() if v is not None}
         extra = sorted(set(given) - set(self.param_names))
         if extra:
@@ -144,6 +195,94 @@ class Quantizer(nn.Module):
         self.set_from_range(b, d * levels, d)
         self.constrain_()
 
+    # -- bit sets and frozen bits -----------------------------------------------------------
+    def levels_allowed(self) -> list[int]:
+        """The bitwidths this quantizer can be charged: ``bit_set``, else the integers of
+        ``[b_min, b_max]`` (for U3/P3 the range can exceed ``b_max``; the repair step and
+        freezing only choose among these)."""
+        if self.bit_set is not None:
+            return list(self.bit_set)
+        return list(range(math.ceil(self.bounds.b_min), math.floor(self.bounds.b_max) + 1))
+
+    @property
+    def min_bits(self) -> int:
+        """The smallest bitwidth the bounds and ``bit_set`` allow."""
+        return self.levels_allowed()[0]
+
+    def _bits_from_b(self) -> Tensor:
+        """``n_q``: ``round(clip(b))``, or with a ``bit_set`` the member nearest to ``clip(b)``
+        (ties to the smaller); identity gradient (STE) inside the bounds."""
+        raw = self._clip("b")
+        if self.bit_set is None:
+            return ste_round(raw)
+        allowed = torch.tensor(self.bit_set, dtype=raw.dtype, device=raw.device)
+        nearest = allowed[(raw.detach() - allowed).abs().argmin()]  # first min: the smaller
+        return raw + (nearest - raw).detach()
+
+    def _charge(self, exact: Tensor) -> Tensor:
+        """The bitwidth charged for a range needing ``exact`` bits (already >= ``b_min``):
+        the smallest ``bit_set`` member ``>= exact``; ``exact`` itself without a set or
+        above the set (never less than the codes need)."""
+        if self.bit_set is None:
+            return exact
+        allowed = torch.tensor(self.bit_set, dtype=exact.dtype, device=exact.device)
+        idx = torch.searchsorted(allowed, exact.reshape(1)).clamp(max=len(self.bit_set) - 1)
+        return torch.where(exact > allowed[-1], exact, allowed[idx].reshape(()))
+
+    def _project_bits_(self) -> None:
+        """Keep the bitwidth at ``frozen_bits`` (or within ``bit_set``): subclasses."""
+
+    @torch.no_grad()
+    def freeze_bits_(self, bits: int | None = None) -> None:
+        """Hold the bitwidth at ``bits`` (default: the current one) from now on.
+
+        Per parametrization, what still trains (the projection :meth:`constrain_` holds the
+        rest): U1 ``b_d``: ``d``; U2 ``b_qmax``: ``q_max`` (the step follows); P1 ``b_qmin``:
+        ``q_min``; P2 ``b_qmax``: ``q_max`` (``b`` is reset to ``bits`` after every step).
+        U3 ``d_qmax``: the step ``d_q`` is held (``d`` stays inside its power-of-two rounding
+        interval) and ``q_max`` trains within the levels ``k = round(q_max / d_q)`` that give
+        ``bits``; P3 ``qmin_qmax``: ``x_min`` is held the same way and ``q_max`` trains within
+        the exponent spans ``L`` that give ``bits``. (Holding the step: with the bits fixed, a
+        halved ``d_q`` would force a halved range, a jump the task gradient cannot see.)
+
+        Raises:
+            ValueError: ``bits`` is not an allowed bitwidth (``levels_allowed``).
+        """
+        bits = self.bitwidth if bits is None else int(bits)
+        if bits not in self.levels_allowed():
+            raise ValueError(
+                f"cannot freeze {self.kind}/{self.parametrization} at {bits} bits: allowed "
+                f"{self.levels_allowed()}"
+            )
+        self.frozen_bits = bits
+        if "b" not in self.param_names:
+            with torch.no_grad():
+                self.held_scale = float(self.derived()[0])
+        self.constrain_()
+        if self.bitwidth != bits:  # the parameter bounds leave no value with that bitwidth
+            self.frozen_bits = self.held_scale = None
+            raise ValueError(
+                f"cannot hold {self.kind}/{self.parametrization} at {bits} bits within its "
+                f"parameter bounds {self.bounds}"
+            )
+
+    def unfreeze_bits_(self) -> None:
+        """Let the bitwidth be learned again."""
+        self.frozen_bits = self.held_scale = None
+
+    def _hold_scale_(self, name: str, pow2: bool) -> None:
+        """Keep ``derived()[0]`` at ``held_scale``: the raw ``name`` inside the interval that
+        rounds to it (power of two: ``[s 2^-1/2, s 2^1/2)``), else equal to it."""
+        if self.held_scale is None:
+            return
+        p, s = getattr(self, name), self.held_scale
+        lo, hi = self.bounds.range(name)
+        if pow2:
+            p.clamp_(min=s * 2**-0.5 * (1 + 1e-4), max=s * 2**0.5 * (1 - 1e-4))
+        else:
+            p.fill_(s)
+        p.clamp_(min=lo + MARGIN, max=hi - MARGIN)
+
     # -- shared ----------------------------------------------------------------------------
     def forward_derived(self) -> tuple[Tensor, Tensor]:
         """``derived()`` for the forward: the batch's values when a model forward handed them
@@ -197,10 +336,14 @@ class Quantizer(nn.Module):
             s_old, l_old = small.clone(), large.clone()
             small.copy_(torch.minimum(s_old, l_old - MARGIN))
             large.copy_(torch.maximum(s_old + MARGIN, l_old))
+        if self.frozen_bits is not None and "b" in names:
+            self.b.fill_(float(self.frozen_bits))
         for name in names:
             p = getattr(self, name)
             lo, hi = self.bounds.range(name)
             p.copy_(p.clamp(min=lo + MARGIN).clamp(max=hi - MARGIN))
+        if "b" not in names and (self.frozen_bits is not None or self.bit_set is not None):
+            self._project_bits_()
 
     @torch.no_grad()
     def clip_grad_(self) -> None:
@@ -222,4 +365,6 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         vals = ", ".join(f"{n}={float(getattr(self, n).detach()):.6g}" for n in self.param_names)
         sign = "signed" if self.signed else "unsigned"
-        return f"{self.parametrization}, {sign}, {vals}, bitwidth={self.bitwidth}"
+        extra = f", bit_set={list(self.bit_set)}" if self.bit_set else ""
+        extra += f", frozen at {self.frozen_bits} bits" if self.frozen_bits is not None else ""
+        return f"{self.parametrization}, {sign}, {vals}, bitwidth={self.bitwidth}{extra}"

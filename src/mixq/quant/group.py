@@ -52,18 +52,20 @@ _PAIRS = (("d", "q_max"), ("q_min", "q_max"))
 """Parametrizations with a ``small < large`` pair: the cross projection and the gradient clip."""
 
 #: The methods whose formulas this module reproduces; a subclass overriding one is not batched.
+_COMMON = ("derived", "bitwidth_surrogate", "_clip", "constrain_", "clip_grad_", "_bits_from_b",
+           "_charge", "_project_bits_")  # fmt: skip
 _REPRODUCED: dict[type[Quantizer], tuple[str, ...]] = {
-    UniformQuantizer: ("derived", "bitwidth_surrogate", "_clip", "_step", "_n_eff", "constrain_",
-                       "clip_grad_"),
-    Pow2Quantizer: ("derived", "bitwidth_surrogate", "_clip", "constrain_", "clip_grad_"),
-}  # fmt: skip
+    UniformQuantizer: (*_COMMON, "_step", "_n_eff"),
+    Pow2Quantizer: _COMMON,
+}
 
 #: The parametrizations whose formulas :class:`_Group` implements.
 _FORMULAS = ("uniform/b_d", "uniform/b_qmax", "uniform/d_qmax", "pow2/b_qmax", "pow2/b_qmin",
              "pow2/qmin_qmax")  # fmt: skip
 
-#: Attributes that change a quantizer's semantics beyond this module's formulas when not None.
-_UNSUPPORTED_ATTRIBUTES = ("bit_set",)
+#: Attributes that change a quantizer's semantics beyond this module's formulas when not None:
+#: an allowed bit set, frozen bits and the scale held with them (issue 20).
+_UNSUPPORTED_ATTRIBUTES = ("bit_set", "frozen_bits", "held_scale")
 
 
 def batchable(q: Quantizer) -> bool:
@@ -83,7 +85,7 @@ def batchable(q: Quantizer) -> bool:
     if base is None or f"{base.kind}/{q.parametrization}" not in _FORMULAS:
         return False
     return all(
-        getattr(cls, name) is getattr(base, name) and name not in q.__dict__
+        getattr(cls, name, None) is getattr(base, name, None) and name not in q.__dict__
         for name in _REPRODUCED[base]
     )
 
@@ -472,6 +474,14 @@ def cached_groups(owner: object, quantizers: Sequence[Quantizer]) -> QuantizerGr
     return g
 
 
+def check_cached(owner: object) -> None:
+    """:meth:`QuantizerGroups.check` of every list cached on ``owner``, run eagerly: compiled
+    code skips the check (``QATStep`` calls this before its compiled functions, so that a
+    quantizer frozen or given a bit set mid-training leaves its group there too)."""
+    for g in owner.__dict__.get(_CACHE, {}).values():
+        g.check()
+
+
 # -- a model forward reads every quantizer's derived scalars from one batched computation ---------
 
 
@@ -544,5 +554,6 @@ __all__ = [
     "SharedDerived",
     "batchable",
     "cached_groups",
+    "check_cached",
     "share_derived",
 ]

@@ -19,10 +19,10 @@ import math
 import torch
 from torch import Tensor
 
-from mixq.quant.base import Quantizer
-from mixq.quant.bounds import default_bounds
+from mixq.quant.base import Quantizer, bits_interval
+from mixq.quant.bounds import MARGIN, default_bounds
 from mixq.quant.functional import fake_quant_pow2
-from mixq.quant.ste import pow2round, ste_round
+from mixq.quant.ste import pow2round
 
 
 class Pow2Quantizer(Quantizer):
@@ -36,6 +36,7 @@ class Pow2Quantizer(Quantizer):
             data-free initialisation at 4 bits).
         with_zero: whether 0 is representable (default: ``not signed``, as the paper).
         learnable: False freezes the parameters (the "Fixed" baselines).
+        bit_set: the bitwidths allowed (e.g. ``(4, 8)``), see :class:`Quantizer`.
         **bounds: ``b_min``, ``b_max``, ``q_min_min``, ``q_min_max``, ``q_max_min``,
             ``q_max_max``.
 
@@ -57,6 +58,7 @@ class Pow2Quantizer(Quantizer):
         q_max: float | None = None,
         with_zero: bool | None = None,
         learnable: bool = True,
+        bit_set: tuple[int, ...] | list[int] | None = None,
         **bounds: float,
     ) -> None:
         self.with_zero = (not signed) if with_zero is None else bool(with_zero)
@@ -66,6 +68,7 @@ class Pow2Quantizer(Quantizer):
             default_bounds("pow2", signed, **bounds),
             {"b": b, "q_min": q_min, "q_max": q_max},
             learnable,
+            bit_set,
         )
 
     def derived(self) -> tuple[Tensor, Tensor]:
@@ -73,7 +76,7 @@ class Pow2Quantizer(Quantizer):
         p = self.parametrization
         if p == "qmin_qmax":
             return pow2round(self._clip("q_min")), pow2round(self._clip("q_max"))
-        n_eff = ste_round(self._clip("b")) - float(self.signed) - float(self.with_zero)
+        n_eff = self._bits_from_b() - float(self.signed) - float(self.with_zero)
         span = torch.exp2(torch.exp2(n_eff) - 1.0)  # x_max / x_min = 2^(2^n_eff - 1)
         if p == "b_qmax":
             x_max = pow2round(self._clip("q_max"))
@@ -118,17 +121,39 @@ class Pow2Quantizer(Quantizer):
         with ``L = log2(x_max / x_min)``, giving ``db/dq_max = 1/((ln2)^2 (L+1) q_max)``,
         ``db/dq_min = -1/((ln2)^2 (L+1) q_min)`` (raw parameters); zero gradient at the
         ``b_min`` floor. Exact without host sync: ``L`` and ``ceil(log2(L + 1))`` come from
-        ``frexp`` exponents (``x_max / x_min`` is an exact power of two).
+        ``frexp`` exponents (``x_max / x_min`` is an exact power of two). With a ``bit_set``
+        the value is the smallest member at least that bitwidth (P3) or the member nearest to
+        ``clip(b)`` (P1/P2), with the same gradients.
         """
         if self.parametrization != "qmin_qmax":
-            return ste_round(self._clip("b"))
+            return self._bits_from_b()
         x_min, x_max = self.derived()
         ratio = x_max / x_min
         L = (torch.frexp(ratio.detach()).exponent - 1).to(ratio.dtype)
         exact = torch.frexp(L).exponent.to(ratio.dtype) + 1.0
         smooth = torch.log2(torch.log2(ratio) + 1.0) + 1.0
         b_min = self.bounds.b_min
-        return torch.where(exact > b_min, smooth - smooth.detach() + exact, exact.clamp(min=b_min))
+        charged = self._charge(exact.clamp(min=b_min))
+        return torch.where(exact > b_min, smooth - smooth.detach() + charged, charged)
+
+    def _project_bits_(self) -> None:
+        """P3: clamp ``q_max`` so that ``L = log2(x_max / x_min)`` lies in the spans of
+        ``frozen_bits`` (:func:`~mixq.quant.base.bits_interval`, offset 1), or at most those
+        of the largest ``bit_set`` member; frozen, ``x_min`` is held first."""
+        if self.frozen_bits is not None:
+            self._hold_scale_("q_min", True)
+        bits = self.frozen_bits if self.frozen_bits is not None else max(self.bit_set)
+        lo_l, hi_l = bits_interval(bits, self.levels_allowed(), 1)
+        if self.frozen_bits is None:
+            lo_l = 0
+        # x_max = 2^round_half_away(log2 q_max): exponents in [e_min + lo_l, e_min + hi_l]
+        e_min = torch.log2(self.derived()[0])
+        lo = torch.exp2(e_min + max(lo_l - 0.5, 0.0) + 1e-3)
+        hi = torch.exp2(e_min + hi_l + 0.5 - 1e-3)
+        q_lo, q_hi = self.bounds.range("q_max")
+        lo = torch.maximum(lo, self.q_min + MARGIN)
+        self.q_max.copy_(self.q_max.clamp(min=lo, max=hi)
+                         .clamp(min=q_lo + MARGIN, max=q_hi - MARGIN))  # fmt: skip
 
     def set_from_range(self, b: int, q_max: float, d: float) -> None:
         """Pow-2 init from the uniform one (spec 6): ``q_max0 = 2^round(log2 q_max)``,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mixq.quant.base import Quantizer
-from mixq.quant.bounds import default_bounds
+from mixq.quant.base import Quantizer, bits_interval
+from mixq.quant.bounds import MARGIN, default_bounds
 from mixq.quant.functional import fake_quant_uniform
 from mixq.quant.ste import pow2round, ste_round
 
@@ -34,6 +34,7 @@ class UniformQuantizer(Quantizer):
             none (none: the data-free initialisation at 4 bits, ``d = 2^-3``).
         pow2_step: round the step size to a power of two (default, decision 2).
         learnable: False freezes the parameters (the "Fixed" baselines).
+        bit_set: the bitwidths allowed (e.g. ``(4, 8)``), see :class:`Quantizer`.
         **bounds: ``b_min``, ``b_max``, ``d_min``, ``d_max``, ``q_max_min``, ``q_max_max``.
 
     Example:
@@ -54,6 +55,7 @@ class UniformQuantizer(Quantizer):
         q_max: float | None = None,
         pow2_step: bool = True,
         learnable: bool = True,
+        bit_set: tuple[int, ...] | list[int] | None = None,
         **bounds: float,
     ) -> None:
         self.pow2_step = pow2_step
@@ -63,13 +65,14 @@ class UniformQuantizer(Quantizer):
             default_bounds("uniform", signed, **bounds),
             {"b": b, "d": d, "q_max": q_max},
             learnable,
+            bit_set,
         )
 
     def _step(self, v: Tensor) -> Tensor:
         return pow2round(v) if self.pow2_step else v
 
     def _n_eff(self) -> Tensor:
-        return ste_round(self._clip("b")) - (1.0 if self.signed else 0.0)
+        return self._bits_from_b() - (1.0 if self.signed else 0.0)
 
     def derived(self) -> tuple[Tensor, Tensor]:
         """``(d_q, x_hi)``: the step and the clip bound, differentiable w.r.t. the parameters."""
@@ -133,16 +136,37 @@ class UniformQuantizer(Quantizer):
         ``db/dq_max = 1/(ln2 (r+1) d_q)``, ``db/dd = -x_hi/(ln2 (r+1) d_q^2) * d_q/d``; zero
         gradient at the ``b_min`` floor. No host sync: ``ceil(log2(k+1))`` is the exponent of
         ``frexp(k)`` (the bit length of the integer ``k``), exact in floating point.
+        With a ``bit_set`` the value is the smallest member at least that bitwidth (U3) or
+        the member nearest to ``clip(b)`` (U1/U2), with the same gradients.
         """
         if self.parametrization != "d_qmax":
-            return ste_round(self._clip("b"))
+            return self._bits_from_b()
         d_q, x_hi = self.derived()
         r = ste_round(x_hi / d_q)
         sign_bit = 1.0 if self.signed else 0.0
         exact = torch.frexp(r.detach()).exponent.to(r.dtype) + sign_bit
         smooth = torch.log2(r + 1.0) + sign_bit
         b_min = self.bounds.b_min
-        return torch.where(exact > b_min, smooth - smooth.detach() + exact, exact.clamp(min=b_min))
+        charged = self._charge(exact.clamp(min=b_min))
+        return torch.where(exact > b_min, smooth - smooth.detach() + charged, charged)
+
+    def _project_bits_(self) -> None:
+        """U3: clamp ``q_max`` so that ``k = round(q_max / d_q)`` lies in the levels of
+        ``frozen_bits`` (:func:`~mixq.quant.base.bits_interval`), or at most those of the
+        largest ``bit_set`` member; frozen, the step ``d_q`` is held first."""
+        if self.frozen_bits is not None:
+            self._hold_scale_("d", self.pow2_step)
+        bits = self.frozen_bits if self.frozen_bits is not None else max(self.bit_set)
+        lo_k, hi_k = bits_interval(bits, self.levels_allowed(), int(self.signed))
+        if self.frozen_bits is None:
+            lo_k = 0
+        d_q = self.derived()[0]
+        # round_half_away(x / d_q) = k for x in [(k - 1/2) d_q, (k + 1/2) d_q): stay inside
+        lo = (max(lo_k - 0.5, 0.0) + 1e-3) * d_q
+        hi = (hi_k + 0.5 - 1e-3) * d_q
+        q_lo, q_hi = self.bounds.range("q_max")
+        self.q_max.copy_(self.q_max.clamp(min=lo, max=hi)
+                         .clamp(min=q_lo + MARGIN, max=q_hi - MARGIN))  # fmt: skip
 
     def set_from_range(self, b: int, q_max: float, d: float) -> None:
         """Set ``(b, d)``, ``(b, q_max)`` or ``(d, q_max)`` from an initial triple."""

@@ -10,7 +10,7 @@ from torch import nn
 from mixq.convert import quantize_model
 from mixq.layers import add_logit_scale
 from mixq.models import create_model
-from mixq.train.checkpoint import load_checkpoint, load_weights, read_state_dict
+from mixq.train.checkpoint import CheckpointError, load_checkpoint, load_weights, read_state_dict
 from mixq.train.config import TrainConfig
 
 
@@ -52,6 +52,10 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, 
         ``(model, checkpoint)``; the model is in eval mode.
     """
     ckpt = load_checkpoint(path, map_location)
+    for key in ("config", "model"):
+        if not isinstance(ckpt.get(key), dict):
+            raise CheckpointError(f"checkpoint {str(path)!r} has no {key!r} entry (a mapping): "
+                                  "not a checkpoint written by mixq train")  # fmt: skip
     cfg = TrainConfig.from_data(ckpt["config"])
     model = build_model(
         cfg,

@@ -6,6 +6,7 @@ Loaded from YAML (``TrainConfig.load``) or a preset (``mixq.train.presets``), ed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from mixq.config import (
     ConfigError,
     QuantConfig,
     apply_overrides,
+    check_range,
     from_dict,
     load_yaml,
     to_dict,
@@ -29,6 +31,11 @@ class ModelConfig:
     name: str = "resnet20"
     num_classes: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 1 (or null: "
+                              "the dataset's number of classes)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,9 @@ class DataConfig:
             raise ConfigError(f"data.crop_pad={self.crop_pad} must be >= 0 (0: no random crop)")
         if self.workers < 0:
             raise ConfigError("data.workers must be >= 0")
+        for name in ("synthetic_train", "synthetic_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
         for name in ("image_size", "resize_size"):
             value = getattr(self, name)
             if value is not None and value < 8:
@@ -135,12 +145,17 @@ class OptimConfig:
             )
         if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
             raise ConfigError("optim.lr_reference_batch must be >= 1 (or null)")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        check_range("optim.lr", self.lr, 0.0, lo_open=True)
         if self.epochs < 1:
             raise ConfigError(f"optim.epochs={self.epochs} must be >= 1")
-        if self.weight_decay < 0:
-            raise ConfigError("optim.weight_decay must be >= 0")
+        check_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_range("optim.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        check_range("optim.gamma", self.gamma, 0.0, lo_open=True, hint="the step schedule's "
+                    "learning-rate factor at each milestone")  # fmt: skip
+        check_range("optim.pct_start", self.pct_start, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_range("optim.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        for i, m in enumerate(self.milestones):
+            check_range(f"optim.milestones[{i}]", m, 0.0, hint="an epoch")
 
 
 @dataclass(frozen=True)
@@ -149,6 +164,17 @@ class BudgetConfig:
 
     ``scale_lambda``: multiply ``lam`` by ``(S_float(ResNet-20) / S_float(model))^2``
     (decision 7), for models of another size than the paper's CIFAR-10 ResNet-20.
+
+    ``mode``: ``"fixed"`` (the paper's penalty ``lam * relu(S - S_0)^2``, Eq. 10) or ``"dual"``
+    (no ``lam``: one multiplier per constraint by projected dual ascent, driving each size to
+    ``(1 - margin) * S_0``; :mod:`mixq.budget_control`), with ``dual_lr`` (per step, on the
+    relative violation ``S / S_0 - (1 - margin)``) and ``margin``.
+
+    ``freeze_at``: when the bitwidths stop being learned: a fraction of the run in (0, 1)
+    (e.g. 0.7: after ``round(0.7 * epochs)`` epochs) or a number of epochs (an integer >= 1).
+    Then every budget the learned bits exceed is repaired (:mod:`mixq.repair`), the bits are
+    frozen, batch norm is re-estimated, and only the checks after it may give ``best.pt``,
+    so the delivered model meets every budget. None: the bits are learned to the end.
     """
 
     weight: str | None = None
@@ -157,6 +183,23 @@ class BudgetConfig:
     lam: float = 0.1
     scale_lambda: bool = False
     activation_peak: str | None = None
+    mode: Literal["fixed", "dual"] = "fixed"
+    dual_lr: float = 0.01
+    margin: float = 0.02
+    freeze_at: float | None = None
+
+    @property
+    def any_target(self) -> bool:
+        """True when at least one size target is set."""
+        names = ("weight", "activation_sum", "activation_max", "activation_peak")
+        return any(getattr(self, k) is not None for k in names)
+
+    def freeze_epoch(self, epochs: int) -> int | None:
+        """Epochs done when the bits freeze (``freeze_at`` resolved for a run of ``epochs``)."""
+        if self.freeze_at is None:
+            return None
+        f = self.freeze_at
+        return math.floor(f * epochs + 0.5) if f < 1 else int(f)
 
     def __post_init__(self) -> None:
         for name in ("weight", "activation_sum", "activation_max", "activation_peak"):
@@ -166,8 +209,22 @@ class BudgetConfig:
                     parse_size(value)
                 except ValueError as e:
                     raise ConfigError(f"budget.{name}: {e}") from None
-        if self.lam < 0:
-            raise ConfigError("budget.lam must be >= 0")
+        check_range("budget.lam", self.lam, 0.0, hint="the penalty weight; typical: 0.1")
+        if self.mode not in ("fixed", "dual"):
+            raise ConfigError(f"budget.mode={self.mode!r}: use 'fixed' (the paper's lam) or 'dual'")
+        check_range("budget.dual_lr", self.dual_lr, 0.0, lo_open=True, hint="default 0.01")
+        check_range("budget.margin", self.margin, 0.0, 1.0, hi_open=True, hint="default 0.02")
+        f = self.freeze_at
+        if f is not None and not (0 < f < 1 or (f >= 1 and float(f).is_integer())):
+            raise ConfigError(
+                f"budget.freeze_at={f}: give a fraction of the run in (0, 1), e.g. 0.7, or a "
+                "whole number of epochs >= 1"
+            )
+        if not self.any_target and (self.mode == "dual" or f is not None):
+            raise ConfigError(
+                "budget.mode=dual and budget.freeze_at need a size target: set budget.weight, "
+                "activation_sum, activation_max or activation_peak"
+            )
 
 
 @dataclass(frozen=True)
@@ -177,7 +234,7 @@ class TrainConfig:
     Attributes:
         init: a float checkpoint to start from (mixq checkpoint or plain state dict).
         logit_scale: a learnable scalar on the logits (the reference code's pow-2 ``scale_layer``).
-        max_steps_per_epoch: cap for smoke tests (None: the whole epoch).
+        max_steps_per_epoch: cap for smoke tests, >= 1 (None: the whole epoch).
         select_every: also check the budgets every this many steps and, when all are met,
             evaluate and keep ``best.pt`` if better (the reference code does it after every
             iteration, spec 5.2); 0: only at the end of each epoch.
@@ -227,6 +284,20 @@ class TrainConfig:
         )
         if has_budget and self.quant is None:
             raise ConfigError("a memory budget needs a quantized model: set quant (not null)")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 "
+                              "(or null: the whole epoch)")  # fmt: skip
+        for name in ("select_every", "bn_recalibrate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0: off)")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2^63)")
+        k = self.budget.freeze_epoch(self.optim.epochs)
+        if k is not None and not 1 <= k < self.optim.epochs:
+            raise ConfigError(
+                f"budget.freeze_at={self.budget.freeze_at} freezes the bits after {k} of "
+                f"{self.optim.epochs} epochs: it must leave at least one epoch before and after"
+            )
 
     @classmethod
     def from_data(cls, data: dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:

@@ -80,7 +80,20 @@ def select_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        msg = f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N"
+        raise ValueError(msg) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available here (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda}): use "
+                             "device=auto or device=cpu")  # fmt: skip
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")  # fmt: skip
+    return device
 
 
 def _env_int(name: str, default: int) -> int:

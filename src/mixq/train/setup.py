@@ -154,7 +154,7 @@ def log_epoch(m: dict[str, Any], enabled: bool) -> None:
         f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  pen {m['penalty']:.3g}  "
         f"test acc {100 * m['test_acc']:.2f}%"
         + (f" (trained {100 * m['test_acc_trained']:.2f}%)" if "test_acc_trained" in m else "")
-        + f"  W {m['weight_kib']:.1f} KiB  "
+        + f"  W {m['weight_kib']:.2f} KiB  "
         f"A sum/max {m['act_sum_kib']:.1f}/{m['act_max_kib']:.1f} KiB  "
         f"budget {'met' if m['budget_met'] else 'NOT met'}  {m['images_per_s']:.0f} img/s",
         flush=True,
