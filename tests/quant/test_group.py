@@ -474,3 +474,25 @@ def test_compiled_groups_equal_eager():
             assert _same(getattr(q, n), getattr(r, n))
     got = torch.compile(groups.bitwidths)()
     assert _same(got, torch.stack([r.bitwidth_surrogate() for r in ref]))
+
+
+def test_bit_sets_and_frozen_bits_keep_the_per_quantizer_path():
+    """Issue 20's allowed bit sets and frozen bits change the formulas: those quantizers leave
+    the batch (on construction or when frozen later) and get exactly their own results."""
+    with_set = UniformQuantizer("b_d", b=5.4, d=0.1, bit_set=(4, 8))
+    frozen = UniformQuantizer("d_qmax", d=0.1, q_max=2.0)
+    plain = UniformQuantizer("d_qmax", d=0.1, q_max=2.0)
+    groups = QuantizerGroups([with_set, frozen, plain])
+    assert groups.solo == [0]
+    frozen.freeze_bits_()
+    with torch.no_grad():
+        frozen.q_max.fill_(9.0)  # an update that would leave the frozen bitwidth
+        plain.q_max.fill_(9.0)
+    want = [q.bitwidth for q in (with_set, frozen, plain)]
+    groups.constrain_()
+    assert groups.solo == [0, 1]
+    assert frozen.bitwidth == frozen.frozen_bits and plain.bitwidth > frozen.frozen_bits
+    assert float(groups.bitwidths()[0]) == want[0] == 4  # the member nearest to b = 5.4
+    frozen.unfreeze_bits_()
+    groups.constrain_()
+    assert groups.solo == [0]  # back in the batch
