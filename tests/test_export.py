@@ -625,3 +625,25 @@ def test_cli_export(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _same(model.eval(), load_packed(tmp_path / "m.packed"), _x(2, 3, 8, 8))
+
+
+def test_a_failed_export_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """Exports are written atomically: a write that fails midway keeps the previous file and
+    leaves no temporary file behind."""
+    import mixq.export.files as files
+
+    model = quantize_model(smallcnn(in_channels=3), QuantConfig(input_shape=(3, 8, 8))).eval()
+    path = tmp_path / "m.mxq"
+    export(model, path)
+    before = path.read_bytes()
+
+    def broken(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", broken)
+    with torch.no_grad():
+        model.conv1.weight.mul_(2)  # a different file, were it written
+    with pytest.raises(OSError, match="No space"):
+        export(model, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.mxq"]

@@ -313,7 +313,9 @@ def test_a_non_finite_step_stops_the_run_and_checkpoints_keep_the_finite_state(
     monkeypatch.setattr(Trainer, "step", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="non-finite at epoch 2 step 3"):
-        fit(_default_cfg(), run, progress=False)
+        # fixed lambda, no freeze: best.pt is eligible from epoch 1 (under the default's dual
+        # mode it is only after the freeze, past the poisoned step)
+        fit(_default_cfg("budget.mode=fixed", "budget.freeze_at=null"), run, progress=False)
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(run / name)
         assert ckpt["epoch"] <= 1
@@ -413,7 +415,8 @@ def test_cuda_without_cuda_unknown_kwargs_yaml_errors(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny")
-    fit(_default_cfg("optim.epochs=1", "select_every=0"), run, progress=False)
+    cfg = _default_cfg("optim.epochs=1", "select_every=0", "budget.freeze_at=null")
+    fit(cfg, run, progress=False)
     return run / "last.pt"
 
 

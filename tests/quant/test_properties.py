@@ -9,6 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mixq.quant import Pow2Quantizer, UniformQuantizer
+from mixq.quant.bounds import default_bounds
 
 pow2_exp = st.integers(min_value=-8, max_value=0)
 
@@ -200,7 +201,8 @@ def test_surrogate_equals_bitwidth_and_constrain_is_projection(q):
 @given(st.floats(2**-8 + 1e-4, 1.0 - 1e-4), st.floats(0.0, 130.0), st.booleans())
 def test_u3_bitwidth_is_smallest_covering(d, q_max, signed):
     """b is the smallest integer whose grid covers q_max/d (spec 1.3, 5.2)."""
-    assume(q_max >= 2**-8)
+    lo, hi = default_bounds("uniform", signed).range("q_max")
+    assume(max(lo, 2**-8) <= q_max <= hi)  # the constructor refuses out-of-bounds values
     q = UniformQuantizer("d_qmax", signed=signed, d=d, q_max=q_max)
     q.constrain_()
     k = q.levels

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from mixq.export.bitpack import pack_bits
 from mixq.export.errors import ExportError, require_onnx
+from mixq.export.files import write_atomic
 from mixq.export.packed import check_quantized
 from mixq.export.quant_nodes import Emitter, export_mode
 
@@ -344,5 +345,5 @@ def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
                                  json.dumps(value, separators=(",", ":")))  # fmt: skip
     proto.producer_name = "mixq"
     onnx.checker.check_model(proto)
-    Path(path).write_bytes(proto.SerializeToString())
+    write_atomic(path, proto.SerializeToString())
     return proto

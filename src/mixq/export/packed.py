@@ -64,6 +64,7 @@ from mixq.cost import weight_bits
 from mixq.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from mixq.export.codes import build_quantizer, decode, encode, quantizer_spec
 from mixq.export.errors import ExportError, PackedFormatError
+from mixq.export.files import write_atomic
 from mixq.layers import (
     ACTIVATIONS,
     QuantAct,
@@ -197,7 +198,7 @@ def save_packed(model: nn.Module, path: str | Path, *,
         **acts,
     }
     blob = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode("utf-8"), 9)
-    Path(path).write_bytes(_HEADER.pack(MAGIC, VERSION, _ZLIB, len(blob)) + blob + payload)
+    write_atomic(path, _HEADER.pack(MAGIC, VERSION, _ZLIB, len(blob)) + blob + payload)
     return manifest
 
 
