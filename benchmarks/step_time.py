@@ -1,10 +1,11 @@
 """Time one full training step of ResNet-20 (CIFAR, batch 128) for float, mixq and LSQ.
 
 A step is ``zero_grad -> forward -> cross-entropy (+ memory penalty) -> backward ->
-(quantizer gradient clipping) -> SGD step -> quantizer projection``, the loop of spec 3.6.
-The learned-bitwidth mixq variants add ``Budget.parse(weight="70KB").penalty(model)`` to the
-loss, clip the quantizer gradients (spec 3.6 step 4) and call ``constrain_()`` on every
-quantizer after the step.
+(quantizer weight decay and gradient clipping) -> SGD step -> quantizer projection``, the loop
+of spec 3.6, run by :class:`mixq.QATStep` on :func:`mixq.param_groups` as the trainer does
+(weight decay 2e-4, momentum 0.9). The learned-bitwidth mixq variants add
+``Budget.parse(weight="70KB").penalty(model)`` to the loss, clip the quantizer gradients (spec
+3.6 step 4) and project every quantizer after the step.
 
 All variants live in one process and are timed in interleaved rounds (warmup, then ``R``
 rounds in which every variant runs ``--steps`` steps, in a rotating order), so that the noise of
@@ -60,7 +61,7 @@ from mixq.config import QuantConfig, SiteConfig
 from mixq.convert import quantize_model, quantizers
 from mixq.cost import Budget
 from mixq.models import mobilenet_v2, resnet20
-from mixq.qat import QATStep
+from mixq.qat import QATStep, param_groups
 from mixq.quant import kernels
 
 # -- LSQ baseline ------------------------------------------------------------------------------
@@ -164,12 +165,13 @@ class Variant:
     ops: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        self.opt = torch.optim.SGD(
-            self.model.parameters(), lr=1e-3, momentum=0.9, weight_decay=2e-4
-        )
+        # as the trainer (mixq.train.setup.build_optimizer): the weights decayed by SGD, the
+        # quantizer parameters by QATStep before their gradient clip (spec 3.6)
+        groups = param_groups(self.model, 2e-4)
+        self.opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9)
         self.quantizers = [q for _, q in quantizers(self.model)]
         budget = self.penalty or Budget()
-        self.qat = QATStep(self.model, self.opt, budget, compile=self.compile)
+        self.qat = QATStep(self.model, self.opt, budget, 2e-4, compile=self.compile)
         self.forward = torch.compile(self.model) if self.compile else self.model
         self.averaged = None
         if self.ema:

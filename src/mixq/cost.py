@@ -11,7 +11,9 @@ Sizes are in **bits** inside; people get KiB/MiB (1 KB = 1024 bytes, as in the p
 * penalty ``lambda * relu(S - S_0)^2`` with ``S`` in KiB (Eq. 10, decision 7).
 
 Every ``*_bits`` function is a differentiable function of the quantizer parameters only, through
-``Quantizer.bitwidth_surrogate()``; its value equals the integer bitwidths of the report.
+``Quantizer.bitwidth_surrogate()`` (computed for all quantizers at once by
+:mod:`mixq.quant.group`, bit for bit the same); its value equals the integer bitwidths of the
+report.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.layers import QuantAct, QuantOut
+from mixq.quant.group import cached_groups
 from mixq.sites import Site, SiteTable, table_of
 
 FLOAT_BITS = 32
@@ -63,9 +66,10 @@ def _layers(model: nn.Module):
             yield name, m
 
 
-def weight_bits(model: nn.Module) -> Tensor:
-    """``S_w`` in bits: ``sum b_t * numel_t`` over conv/linear weights and biases (8a)."""
-    total: Tensor | float = 0.0
+def _weight_tensors(model: nn.Module) -> tuple[list, list[int], int]:
+    """``(quantizers, their tensors' numel, numel of the float tensors)`` of the conv/linear
+    weights and biases, in module order."""
+    qs, numel, flt = [], [], 0
     for _, m in _layers(model):
         for attr in ("weight", "bias"):
             t = getattr(m, attr)
@@ -73,10 +77,51 @@ def weight_bits(model: nn.Module) -> Tensor:
                 continue
             q = getattr(m, f"{attr}_quantizer", None)
             if q is None:
-                total = total + FLOAT_BITS * t.numel()
+                flt += t.numel()
             else:
-                total = total + q.bitwidth_surrogate() * t.numel()
-    return torch.as_tensor(total, device=_device(model))
+                qs.append(q)
+                numel.append(t.numel())
+    return qs, numel, flt
+
+
+def bitwidth_surrogates(model: nn.Module, qs: list) -> Tensor:
+    """``stack([q.bitwidth_surrogate() for q in qs])``, computed in one batch per group of
+    quantizers (:mod:`mixq.quant.group`; equal bit for bit)."""
+    return cached_groups(model, qs).bitwidths()
+
+
+def weight_bits(model: nn.Module, bits: Tensor | None = None) -> Tensor:
+    """``S_w`` in bits: ``sum b_t * numel_t`` over conv/linear weights and biases (8a).
+
+    ``bits``: the surrogate bitwidths of the weight quantizers in module order, if computed
+    already (:meth:`Budget.terms`). The sum of the integer sizes is exact below 2^24 bits.
+    """
+    return _weight_bits(model, _weight_tensors(model), bits)
+
+
+def _weight_bits(model: nn.Module, tensors: tuple[list, list[int], int], bits: Tensor | None):
+    qs, numel, flt = tensors
+    device = _device(model)
+    if not qs:
+        return torch.as_tensor(0.0 + FLOAT_BITS * flt, device=device)
+    b = bitwidth_surrogates(model, qs) if bits is None else bits
+    total = (b * _constant(model, numel, b)).sum()
+    if flt:
+        total = total + FLOAT_BITS * flt
+    return torch.as_tensor(total, device=device)
+
+
+def _constant(model: nn.Module, values: list[int], like: Tensor) -> Tensor:
+    """``tensor(values)`` like ``like``, cached on the model (the penalty needs it every step)."""
+    cache = model.__dict__.setdefault("_mixq_cost_constants", {})
+    key = (tuple(values), like.device, like.dtype)
+    t = cache.get(key)
+    if t is None:
+        if len(cache) > 16:
+            cache.clear()
+        t = cache[key] = torch.tensor([float(v) for v in values], dtype=like.dtype,
+                                      device=like.device)  # fmt: skip
+    return t
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -124,16 +169,31 @@ def _plan(table: SiteTable, device: torch.device) -> tuple[list, Tensor, Tensor,
     return cache[device]
 
 
-def activation_bits_per_site(model: nn.Module) -> Tensor:
-    """``S_x,l = b_l * numel_l`` for every counted activation site, as a 1-D tensor (bits)."""
+def activation_bits_per_site(model: nn.Module, bits: Tensor | None = None) -> Tensor:
+    """``S_x,l = b_l * numel_l`` for every counted activation site, as a 1-D tensor (bits).
+
+    ``bits``: the surrogate bitwidths of the sites' quantizers in plan order, if computed already.
+    """
     device = _device(model)
     table = site_table(model)
     if table is None or not table.counted:
         return torch.zeros(0, device=device)
     qs, index, numel, _ = _plan(table, device)
-    bits = [q.bitwidth_surrogate() for q in qs]
-    b = torch.stack([*bits, torch.tensor(float(FLOAT_BITS), device=device)])
+    float_bits = torch.full((1,), float(FLOAT_BITS), device=device)
+    if qs:
+        b_q = bitwidth_surrogates(model, qs) if bits is None else bits
+        b = torch.cat([b_q, float_bits.to(b_q.dtype)])
+    else:
+        b = float_bits
     return b[index] * numel
+
+
+def _site_quantizers(model: nn.Module) -> list:
+    """The quantizers of the counted activation sites, in the order of their bits above."""
+    table = site_table(model)
+    if table is None or not table.counted:
+        return []
+    return _plan(table, _device(model))[0]
 
 
 def _peak(per_site: Tensor, alive: Tensor) -> tuple[Tensor, int]:
@@ -142,16 +202,17 @@ def _peak(per_site: Tensor, alive: Tensor) -> tuple[Tensor, int]:
     return per_step[k], k
 
 
-def activation_bits(model: nn.Module, reduction: str = "sum") -> Tensor:
+def activation_bits(model: nn.Module, reduction: str = "sum", bits: Tensor | None = None) -> Tensor:
     """Activation memory in bits: ``sum_l S_x,l`` (8b), ``max_l S_x,l`` (8c) or ``peak``, the
     largest sum of sites alive at once (``max_k sum_l alive[k, l] S_x,l``, :mod:`mixq.sites`).
 
     For ``max`` and ``peak`` the gradient goes to the first largest site / step (spec 5.2).
+    ``bits``: as for :func:`activation_bits_per_site`.
     """
     if reduction not in ("sum", "max", "peak"):
         raise ValueError(f"unknown activation reduction {reduction!r}; valid: "
                          "['max', 'peak', 'sum']")  # fmt: skip
-    per_site = activation_bits_per_site(model)
+    per_site = activation_bits_per_site(model, bits)
     if per_site.numel() == 0:
         return per_site.new_zeros(())
     if reduction == "sum":
@@ -289,14 +350,26 @@ class Budget:
         return any(getattr(self, k) is not None for k, _ in _ACTIVATION_TERMS)
 
     def terms(self, model: nn.Module) -> dict[str, tuple[Tensor, float]]:
-        """``{name: (size_bits, target_bits)}`` for each set constraint."""
+        """``{name: (size_bits, target_bits)}`` for each set constraint.
+
+        The bitwidth surrogates of every quantizer the terms need are computed in one batch
+        (:mod:`mixq.quant.group`).
+        """
+        weights = _weight_tensors(model) if self.weight is not None else ([], [], 0)
+        sites = _site_quantizers(model) if self.activation_active else []
+        w_bits = a_bits = None
+        if weights[0] and sites:
+            bits = bitwidth_surrogates(model, weights[0] + sites)
+            w_bits, a_bits = torch.split(bits, [len(weights[0]), len(sites)])
+        elif sites:
+            a_bits = bitwidth_surrogates(model, sites)
         out = {}
         if self.weight is not None:
-            out["weight"] = (weight_bits(model), self.weight * 8)
+            out["weight"] = (_weight_bits(model, weights, w_bits), self.weight * 8)
         for name, reduction in _ACTIVATION_TERMS:
             target = getattr(self, name)
             if target is not None:
-                out[name] = (activation_bits(model, reduction), target * 8)
+                out[name] = (activation_bits(model, reduction, a_bits), target * 8)
         return out
 
     def check_feasible(self, model: nn.Module) -> None:
@@ -398,6 +471,7 @@ __all__ = [
     "activation_bits_per_site",
     "activation_peak_step",
     "activation_sites",
+    "bitwidth_surrogates",
     "float_sites_warning",
     "float_weight_bits",
     "layer_ops",

@@ -11,10 +11,10 @@
    :func:`param_groups` puts the quantizer parameters in a group without it);
 4. ``constrain_()`` on every quantizer: the projection of spec 1.5.
 
-Each quantizer's parameters are 0-d tensors, so in eager mode 1, 2 and 4 are a few tiny
-operations per quantizer (~40 quantizers in ResNet-20): negligible on a CPU, but each is a
-kernel launch on a GPU. ``compile=True`` runs the penalty, 2 and 4 each as one
-``torch.compile``d function (a handful of fused kernels for all quantizers).
+Each quantizer's parameters are 0-d tensors; 1, 2 and 4 and the quantizers' derived scalars in
+the forward run for all quantizers together (:mod:`mixq.quant.group`: a handful of operations
+per group of quantizers of one parametrization, not dozens per quantizer; the same values bit
+for bit). ``compile=True`` runs the penalty, 2 and 4 each as one ``torch.compile``d function.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mixq.convert import quantizer_parameters, quantizers
 from mixq.cost import Budget
 from mixq.quant.base import Quantizer
+from mixq.quant.group import QuantizerGroups, check_cached, share_derived
 
 
 def param_groups(
@@ -38,7 +39,10 @@ def param_groups(
     with ``decay_norm_and_bias=False`` those with ``ndim <= 1`` (batch-norm scales and
     shifts, biases) form a group ``"norms_and_biases"`` without decay (Goyal et al. 2017);
     ``"quantizers"``: every quantizer's trainable parameters with ``weight_decay=0``, since
-    :class:`QATStep` adds their decay itself, before the gradient clip (spec 3.6).
+    :class:`QATStep` adds their decay itself, before the gradient clip (spec 3.6), and
+    ``foreach=True``: the update of these ~2 scalars per quantizer runs as a few multi-tensor
+    operations instead of a Python loop of four operations per scalar (the same arithmetic;
+    torch's default on CPU is the loop).
     """
     qp = quantizer_parameters(model)
     q_ids = {id(p) for p in qp}
@@ -53,7 +57,7 @@ def param_groups(
              "weight_decay": 0.0},
         ]  # fmt: skip
     if qp:
-        groups.append({"name": "quantizers", "params": qp, "weight_decay": 0.0})
+        groups.append({"name": "quantizers", "params": qp, "weight_decay": 0.0, "foreach": True})
     return groups
 
 
@@ -93,6 +97,9 @@ class QATStep:
         self.weight_decay = float(weight_decay)
         self.clip = budget.active if clip is None else bool(clip)
         self.params = [p for q in self.quantizers for p in q.parameters() if p.requires_grad]
+        self.groups = QuantizerGroups(self.quantizers)
+        # every forward of the model derives all quantizers' d_q / x_hi (or x_min / x_max) at once
+        self.shared = share_derived(model, self.quantizers)
         #: replaces ``budget.penalty(model)`` when set (e.g. ``DualController.penalty``)
         self.penalty_fn: Callable[[], Tensor] | None = None
         #: False turns the penalty off (after the bits are frozen it has nothing to move)
@@ -112,7 +119,14 @@ class QATStep:
         ``penalty_enabled`` False); ``penalty_fn`` when set, else Eq. 10."""
         if not (self.budget.active and self.penalty_enabled):
             return like.new_zeros(())
+        self._check()
         return self._penalty()
+
+    def _check(self) -> None:
+        # eagerly, before compiled code that skips it: regroup a quantizer whose bits were
+        # frozen or whose bounds changed (O(1) when no quantizer attribute was set)
+        self.groups.check()
+        check_cached(self.model)
 
     def _before_eager(self) -> None:
         # no_grad as a block, not a decorator: dynamo would see the decorator's one code object
@@ -124,22 +138,22 @@ class QATStep:
                     grads = [p.grad for p in with_grad]
                     torch._foreach_add_(grads, with_grad, alpha=self.weight_decay)
             if self.clip:
-                for q in self.quantizers:
-                    q.clip_grad_()
+                self.groups.clip_grad_()
 
     def before_optimizer_step(self) -> None:
         """Weight decay then clipping of the quantizer gradients (spec 3.6 steps 3-4)."""
         if self.params and (self.weight_decay or self.clip):
+            self._check()
             self._before()
 
     def _after_eager(self) -> None:
         with torch.no_grad():
-            for q in self.quantizers:
-                q.constrain_()
+            self.groups.constrain_()
 
     def after_optimizer_step(self) -> None:
         """Project every quantizer's parameters into their bounds (spec 1.5)."""
         if self.quantizers:
+            self._check()
             self._after()
 
     def __call__(self, loss: Tensor) -> tuple[Tensor, Tensor]:

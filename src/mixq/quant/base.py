@@ -28,6 +28,21 @@ PARAMETRIZATIONS: dict[str, tuple[str, str]] = {
 }
 
 
+_config_version = 0
+
+
+def config_version() -> int:
+    """A counter that changes whenever an attribute of any quantizer is set (``bounds``,
+    ``signed``, a Parameter, ...; not ``training``): :mod:`mixq.quant.group` re-checks its
+    grouping of the quantizers only then, instead of on every call."""
+    return _config_version
+
+
+SHARED = "_mixq_shared"
+"""Instance attribute that :mod:`mixq.quant.group` sets on a quantizer for one model forward:
+``(a, b, grad_enabled)``, the quantizer's ``derived()`` computed in batch with its group's."""
+
+
 def check_parametrization(kind: str, parametrization: str) -> tuple[str, str]:
     """Return the parameter names of ``kind/parametrization`` or raise a ``ValueError``."""
     key = f"{kind}/{parametrization}"
@@ -148,6 +163,12 @@ class Quantizer(nn.Module):
                 )
             getattr(self, name).data.fill_(float(v))
 
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name != "training":  # train()/eval() sets it on every module; it changes no formula
+            global _config_version
+            _config_version += 1
+
     # -- to be provided by subclasses ------------------------------------------------------
     def derived(self) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -263,6 +284,17 @@ class Quantizer(nn.Module):
         p.clamp_(min=lo + MARGIN, max=hi - MARGIN)
 
     # -- shared ----------------------------------------------------------------------------
+    def forward_derived(self) -> tuple[Tensor, Tensor]:
+        """``derived()`` for the forward: the batch's values when a model forward handed them
+        over (:func:`mixq.quant.group.share_derived`; equal bit for bit), else computed here.
+
+        Values derived without gradients serve only a forward without gradients.
+        """
+        shared = self.__dict__.get(SHARED)
+        if shared is not None and (shared[2] or not torch.is_grad_enabled()):
+            return shared[0], shared[1]
+        return self.derived()
+
     def _clip(self, name: str) -> Tensor:
         lo, hi = self.bounds.range(name)
         return clip_scalar(getattr(self, name), lo, hi)

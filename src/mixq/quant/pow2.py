@@ -86,8 +86,10 @@ class Pow2Quantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x``: ``sign(x) * clip(2^round(log2|x|), x_min, x_max)``."""
-        x_min, x_max = self.derived()
-        return fake_quant_pow2(x, x_min.to(x.dtype), x_max.to(x.dtype), self.signed, self.with_zero)
+        x_min, x_max = self.forward_derived()
+        if x_min.dtype != x.dtype:
+            x_min, x_max = x_min.to(x.dtype), x_max.to(x.dtype)
+        return fake_quant_pow2(x, x_min, x_max, self.signed, self.with_zero)
 
     @property
     def q_min_effective(self) -> float:

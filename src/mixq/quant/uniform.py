@@ -88,8 +88,10 @@ class UniformQuantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` (any shape): ``d_q * round(clip(x, x_lo, x_hi) / d_q)``."""
-        d_q, x_hi = self.derived()
-        return fake_quant_uniform(x, d_q.to(x.dtype), x_hi.to(x.dtype), self.signed)
+        d_q, x_hi = self.forward_derived()
+        if d_q.dtype != x.dtype:
+            d_q, x_hi = d_q.to(x.dtype), x_hi.to(x.dtype)
+        return fake_quant_uniform(x, d_q, x_hi, self.signed)
 
     # -- derived quantities, read-only --------------------------------------------------------
     @property

@@ -176,6 +176,14 @@ def _ptr(t: Tensor) -> int:
     return t.data_ptr()
 
 
+def _as_shapes(out: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The two sums in ``out`` shaped as the scalars ``a`` and ``b`` (one ``unbind`` when they
+    are 0-d, as the quantizers' are: every operation here runs once per quantizer and step)."""
+    ga, gb = out.unbind()
+    ga = ga if a.dim() == 0 else ga.reshape(a.shape)
+    return ga, (gb if b.dim() == 0 else gb.reshape(b.shape))
+
+
 def uniform_fwd(x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool) -> Tensor:
     """``y = d_q * round(clip(x, x_lo, x_hi) / d_q)``; ``x`` dense, same layout out."""
     y = torch.empty_like(x)
@@ -193,7 +201,7 @@ def uniform_bwd(
     library().mixq_uniform_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
                                _ptr(d_q), _ptr(x_hi), int(signed), _ptr(out),
                                torch.get_num_threads())  # fmt: skip
-    return gx, out[0].reshape(d_q.shape), out[1].reshape(x_hi.shape)
+    return (gx, *_as_shapes(out, d_q, x_hi))
 
 
 def pow2_fwd(x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool) -> Tensor:
@@ -214,4 +222,4 @@ def pow2_bwd(
     library().mixq_pow2_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
                             _ptr(x_min), _ptr(x_max), int(signed), int(with_zero), _ptr(out),
                             torch.get_num_threads())  # fmt: skip
-    return gx, out[0].reshape(x_min.shape), out[1].reshape(x_max.shape)
+    return (gx, *_as_shapes(out, x_min, x_max))
