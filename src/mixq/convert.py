@@ -276,12 +276,18 @@ def record_sizes(
                 m.weight_quantizer.numel = m.weight.numel()
             if m.bias_quantizer is not None:
                 m.bias_quantizer.numel = m.bias.numel()
-    mode, uncounted = model.__dict__.get("mixq_site_config", ("relu", ()))
+    mode, uncounted = site_config(model)
     table = build_table(graph, model, mode, uncounted)
     for s in table.sites:
         if s.quantizer is not None and s.quantizer.numel is None:
             s.quantizer.numel = s.numel
     model.mixq_sites = table
+
+
+def site_config(model: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """``(activation_sites mode, uncounted names)`` that :func:`quantize_model` recorded on
+    ``model`` (``("relu", ())``, the paper's convention, when it recorded none)."""
+    return model.__dict__.get("mixq_site_config", ("relu", ()))
 
 
 def to_float(model: nn.Module) -> nn.Module:

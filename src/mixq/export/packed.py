@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixq.convert import record_sizes, to_float
+from mixq.convert import record_sizes, site_config, to_float
 from mixq.cost import weight_bits
 from mixq.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from mixq.export.codes import build_quantizer, decode, encode, quantizer_spec
@@ -159,7 +159,7 @@ def _activation_entries(model: nn.Module) -> dict[str, Any]:
                 by_id[id(q)] = {"layers": [], "quantizer": quantizer_spec(q)}
                 inputs.append(by_id[id(q)])
             by_id[id(q)]["layers"].append(mname)
-    mode, uncounted = model.__dict__.get("mixq_site_config", ("relu", ()))
+    mode, uncounted = site_config(model)
     return {"activations": acts, "outputs": outs, "inputs": inputs,
             "site_config": {"mode": mode, "uncounted": list(uncounted)}}  # fmt: skip
 
