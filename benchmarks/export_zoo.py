@@ -5,7 +5,8 @@ third-party models when their packages are installed), converted with the defaul
 (or pow-2) and random batch-norm statistics, in eval mode:
 
 * ``onnx``: file bytes, ratio to the report's weight memory, onnxruntime vs PyTorch on a random
-  batch of 8 (argmax agreement, max |diff| / max |y|), with ``ties="away"`` as well;
+  batch of 8 (argmax agreement, max |diff| / max |y|), with ``ties="away"`` as well; the file
+  of the batch-norm-folded model and its ratio to that model's report (``fold_bn=True``);
 * ``qonnx``: file bytes and the ``qonnx`` executor vs PyTorch on 2 samples (if installed).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/export_zoo.py [--only NAME ...]``.
@@ -104,6 +105,8 @@ def row(name: str, make: callable, shape: tuple[int, ...], spec: str, tmp: Path)
                   _cmp(_ort(tmp / "m.onnx", x), y), f"{secs:.0f}"]  # fmt: skip
         export(model, tmp / "a.onnx", "onnx", example_input=x[:1], ties="away")
         cells.append(_cmp(_ort(tmp / "a.onnx", x), y))
+        res_f = export(model, tmp / "f.onnx", "onnx", example_input=x[:1], fold_bn=True)
+        cells.append(f"{res_f.file_bytes:,} / {res_f.file_bytes / (res_f.weight_bits / 8):.3f}")
         res_q = export(model, tmp / "m.qonnx", "qonnx", example_input=x[:1])
         out_q = _qonnx(tmp / "m.qonnx", x[:2])
         cells += [f"{res_q.file_bytes:,}", "not installed" if out_q is None else _cmp(out_q, y[:2])]
@@ -118,8 +121,9 @@ def main() -> None:
     args = p.parse_args()
     warnings.simplefilter("ignore")
     print("| model | quantizer | report bytes | onnx bytes | ratio | ORT argmax / max rel diff "
-          "| export s | ORT ties=away | qonnx bytes | qonnx executor argmax / diff |")  # fmt: skip
-    print("|" + "---|" * 10)
+          "| export s | ORT ties=away | folded onnx bytes / ratio | qonnx bytes "
+          "| qonnx executor argmax / diff |")  # fmt: skip
+    print("|" + "---|" * 11)
     with tempfile.TemporaryDirectory() as d:
         for name, (make, shape) in zoo().items():
             if args.only and not any(o in name for o in args.only):

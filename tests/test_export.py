@@ -28,6 +28,7 @@ from mixq.export import (
     fold_bn,
     format_fold_report,
     load_packed,
+    read_metadata,
     read_packed,
 )
 from mixq.export.bitpack import code_range, unpack_bits
@@ -310,7 +311,7 @@ def _qonnx_run(path, x: torch.Tensor) -> np.ndarray:
 
 
 def _meta(proto) -> dict:
-    return {p.key: p.value for p in proto.metadata_props}
+    return read_metadata(proto)
 
 
 def check_parity(model: nn.Module, out: np.ndarray, x: torch.Tensor) -> None:
@@ -343,13 +344,13 @@ def test_onnxruntime_parity_on_the_zoo(which, request, tmp_path):
     onnx.checker.check_model(proto, full_check=True)
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     check_parity(model, _ort(tmp_path / "m.onnx", x), x)
-    tensors = json.loads(_meta(proto)["mixq.tensors"])
+    tensors = _meta(proto)["mixq.tensors"]
     width = {"INT4": 4, "UINT4": 4, "INT8": 8, "UINT8": 8}
     for name, t in tensors.items():  # stored in the narrowest ONNX integer type that fits
         assert width[t["storage"]] == (4 if t["bits"] <= 4 else 8), name
     # every activation quantizer is in the file with its learned bitwidth
     acts = _act_quantizers(model)
-    assert {k: v["bitwidth"] for k, v in json.loads(_meta(proto)["mixq.activations"]).items()} \
+    assert {k: v["bitwidth"] for k, v in _meta(proto)["mixq.activations"].items()} \
         == acts  # fmt: skip
     nodes = {p.value: n for n in proto.graph.node for p in n.metadata_props
              if p.key == "mixq.activation"}  # fmt: skip
@@ -378,7 +379,7 @@ def test_onnx_of_every_site_equals_the_model(cls, tmp_path):
     with torch.no_grad():
         assert np.array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
     acts = _act_quantizers(model)
-    assert {k: v["bitwidth"] for k, v in json.loads(_meta(proto)["mixq.activations"]).items()} \
+    assert {k: v["bitwidth"] for k, v in _meta(proto)["mixq.activations"].items()} \
         == acts  # fmt: skip
 
 
@@ -465,7 +466,7 @@ def test_any_quantizer_site_is_exported_exactly(q, tmp_path):
         ref = model(x).numpy()
     np.testing.assert_array_equal(_ort(tmp_path / "s.onnx", x), ref)
     proto = onnx.load(tmp_path / "s.onnx")
-    assert list(json.loads(_meta(proto)["mixq.activations"])) == ["q"]
+    assert list(_meta(proto)["mixq.activations"]) == ["q"]
     if q.kind == "uniform":  # signed 3-bit codes: INT8; unsigned 10-bit (768 levels): UINT16
         (n,) = (n for n in proto.graph.node if n.op_type == "QuantizeLinear")
         zp = next(i for i in proto.graph.initializer if i.name == n.input[2])
@@ -517,12 +518,54 @@ def test_file_size_is_the_report(which, tmp_path):
                  opset=opset)  # fmt: skip
     report = res.weight_bits / 8
     assert report > 50_000 and res.file_bytes <= 1.15 * report, (res.file_bytes, report)
-    tensors = json.loads(_meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"])
+    tensors = _meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"]
     want = {(2, 25): "INT2", (4, 21): "INT4"}[(bits, opset)]
     assert {t["storage"] for n, t in tensors.items() if n.endswith("weight")} == {want}
     x = _x(4, 784, grid=True)  # exact sums: ORT equals PyTorch bit for bit with ties="away"
     with torch.no_grad():
         np.testing.assert_array_equal(_ort(tmp_path / "m.onnx", x), model(x).numpy())
+
+
+@needs_onnx
+@pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "folded"])
+def test_resnet20_file_size_is_the_report(fold, tmp_path):
+    """ResNet-20 at 4 bits (134 KB of weights): the graph and metadata stay within the 15%
+    (node names dropped, values renamed, metadata as tables); unfolded, its float batch norms
+    (not quantized weights, not in the report) come on top."""
+    model = _r20("uniform/d_qmax")
+    x = _x(3, 3, 32, 32)
+    res = export(model, tmp_path / "m.onnx", "onnx", fold_bn=fold, example_input=x[:1])
+    proto = onnx.load(tmp_path / "m.onnx")
+    report = res.weight_bits / 8
+    float_bytes = sum(i.ByteSize() for i in proto.graph.initializer
+                      if i.data_type == onnx.TensorProto.FLOAT)  # fmt: skip
+    assert report > 100_000 and res.file_bytes - float_bytes <= 1.15 * report
+    if fold:
+        assert res.file_bytes <= 1.15 * report, (res.file_bytes, report)
+    else:
+        assert float_bytes > 8_000  # the 688 batch-norm channels, 3 vectors each at least
+    names = {i.name for i in proto.graph.initializer}
+    tensors = _meta(proto)["mixq.tensors"]
+    assert "layer1.0.conv1.weight" in tensors and "layer1.0.conv1.weight" in names
+    assert all(n.name == "" for n in proto.graph.node)
+    if not fold:  # folded parity (its ties) is test_hand_model_onnx_qonnx_and_folding's
+        check_parity(model, _ort(tmp_path / "m.onnx", x), x)
+
+
+def test_metadata_tables_round_trip():
+    from mixq.export.onnx_export import TABLE_KEYS, _tables
+
+    class Proto:  # the two fields read_metadata reads
+        def __init__(self, props):
+            self.metadata_props = [type("P", (), {"key": k, "value": v}) for k, v in props]
+
+    recs = {"a": {"kind": "uniform", "d": 0.5, "bit_set": None}, "b": {"kind": "pow2", "L": 3},
+            "c": {"kind": "uniform", "d": 0.25, "bit_set": [4, 8]}}
+    props = [(k, json.dumps(_tables(recs))) for k in TABLE_KEYS] + [("mixq.ties", "away")]
+    out = read_metadata(Proto(props))
+    assert out["mixq.tensors"] == recs and out["mixq.activations"] == recs
+    assert out["mixq.ties"] == "away"
+    assert len(_tables(recs)) == 2  # one table per set of fields
 
 
 @needs_onnx
@@ -547,7 +590,7 @@ def test_older_opset_uses_int8(tmp_path):
     for opset in (18, 21):
         export(model, tmp_path / "m.onnx", "onnx", opset=opset, example_input=x[:1])
         proto = onnx.load(tmp_path / "m.onnx")
-        storage = {t["storage"] for t in json.loads(_meta(proto)["mixq.tensors"]).values()}
+        storage = {t["storage"] for t in _meta(proto)["mixq.tensors"].values()}
         assert storage == ({"INT4"} if opset == 21 else {"INT8"})
         outs.append(_ort(tmp_path / "m.onnx", x))
     np.testing.assert_array_equal(*outs)
@@ -608,7 +651,7 @@ def test_cli_export(tmp_path, capsys):
                            "input_shape": [3, 8, 8], "num_classes": 10})  # fmt: skip
     parser = argparse.ArgumentParser()
     export_cmd.add_parser(parser.add_subparsers())
-    for fmt, extra in (("packed", []), ("onnx", ["--fold-bn", "--ties", "away"]),
+    for fmt, extra in (("packed", []), ("onnx", []), ("onnx", ["--fold-bn", "--ties", "away"]),
                        ("qonnx", ["--batch", "4"])):  # fmt: skip
         out = tmp_path / f"m.{fmt}"
         args = parser.parse_args(["export", str(ckpt), "--format", fmt, "-o", str(out), *extra])
@@ -617,10 +660,13 @@ def test_cli_export(tmp_path, capsys):
         assert f"wrote {out}" in text and ("re-quantized" in text) == ("--fold-bn" in extra)
         size = out.stat().st_size
         assert f"file {size} bytes" in text and "report" in text  # side by side
+        bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        note = f"{bn} batch-norm channels are stored as float32"
+        assert (note in text) == (fmt == "onnx" and not extra) and bn > 0
     proto = onnx.load(tmp_path / "m.qonnx")
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
     # folding gave conv2 and conv3 identical all-zero biases: PyTorch's optimizer merged them
-    tensors = json.loads(_meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"])
+    tensors = _meta(onnx.load(tmp_path / "m.onnx"))["mixq.tensors"]
     assert tensors["conv3.bias"].get("merged") or "storage" in tensors["conv3.bias"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if result.format == "onnx" and (args.opset or 21) < 25 and (n2 := _two_bit_tensors(model)):
         print(f"note: {n2} tensors of <= 2 bits are stored as INT4 (ONNX's narrowest type before "
               "opset 25); --opset 25 stores them as INT2")  # fmt: skip
+    if result.format == "onnx" and not result.fold and (bn := _bn_channels(model)):
+        print(f"note: {bn} batch-norm channels are stored as float32 (about {16 * bn} bytes, "
+              "not in the report); --fold-bn folds them into the convolutions")  # fmt: skip
     if result.quantized_bytes is not None:
         print(f"bit-packed quantized tensors: {result.quantized_bytes} bytes")
     if result.fold:
@@ -114,3 +117,11 @@ def _two_bit_tensors(model) -> int:
     qs = [getattr(m, a, None) for m in model.modules() for a in ("weight_quantizer",
                                                                  "bias_quantizer")]  # fmt: skip
     return sum(1 for q in qs if q is not None and q.bitwidth <= 2)
+
+
+def _bn_channels(model) -> int:
+    """Channels of the model's batch norms (ONNX stores 4 float32 vectors of that length)."""
+    from torch import nn
+
+    bn = nn.modules.batchnorm._BatchNorm
+    return sum(m.num_features for m in model.modules() if isinstance(m, bn))

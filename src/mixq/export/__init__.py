@@ -38,6 +38,7 @@ from mixq.export.bitpack import pack_bits, packed_nbytes, unpack_bits
 from mixq.export.errors import ExportError, ExportWarning, PackedFormatError
 from mixq.export.fold import LayerFold, fold_bn, format_fold_report
 from mixq.export.fold import fold_bn as _fold_bn
+from mixq.export.onnx_export import read_metadata
 from mixq.export.packed import check_quantized, load_packed, read_packed, save_packed
 
 FORMATS = ("packed", "onnx", "qonnx")
@@ -136,6 +137,7 @@ __all__ = [
     "load_packed",
     "pack_bits",
     "packed_nbytes",
+    "read_metadata",
     "read_packed",
     "save_packed",
     "unpack_bits",

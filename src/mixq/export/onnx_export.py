@@ -6,10 +6,12 @@ storage: inside :func:`mixq.export.quant_nodes.export_mode` each quantizer emits
 (see there for the node groups of each format). After conversion the integer codes of tensors
 with at most 4 bits are narrowed to ``INT4``/``UINT4`` initializers (opset >= 21; two codes per
 byte), those with at most 2 bits to ``INT2``/``UINT2`` (opset >= 25; four per byte, ONNX's
-narrowest integer type; 3-bit codes take 4), PyTorch's per-node debug metadata is dropped, and the
-file records in ``metadata_props``: ``mixq.format``, ``mixq.tensors`` (per tensor: kind, bits,
-storage type, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.activations`` (per activation
-quantizer: kind, bitwidth, ``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.arch``,
+narrowest integer type; 3-bit codes take 4), PyTorch's per-node debug metadata and node names
+are dropped, values get short names (a tensor's codes keep the tensor's name), and the
+file records in ``metadata_props`` (read them with :func:`read_metadata`): ``mixq.format``,
+``mixq.tensors`` (per tensor: kind, bits, storage type, ``d``/``k`` or
+``q_min``/``q_max``/``L``), ``mixq.activations`` (per activation quantizer: kind, bitwidth,
+``d``/``k`` or ``q_min``/``q_max``/``L``), ``mixq.arch``,
 ``mixq.rounding``, ``mixq.ties``. Quantization nodes also carry ``mixq.bitwidth`` and
 ``mixq.activation``/``mixq.tensor`` in their own ``metadata_props``.
 
@@ -19,6 +21,7 @@ refuses a symbolic batch, so ``qonnx`` defaults to the example input's batch siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -259,8 +262,99 @@ def _strip_debug(proto: Any, keep_shapes: bool) -> None:
         if not keep_shapes:
             del g.value_info[:]  # onnxruntime infers them
         del g.metadata_props[:]  # the exported program's text
-        for i, n in enumerate(g.node):
-            n.name = f"{n.op_type}_{i}"
+        for n in g.node:
+            n.name = ""  # optional in ONNX; PyTorch's names are ~15 bytes a node
+
+
+def _short_names(proto: Any) -> None:
+    """Rename values so that names do not outweigh small models' 4-bit payloads.
+
+    A quantized tensor's codes initializer takes the tensor's own name (``layer1.0.conv1.weight``,
+    the key of ``mixq.tensors``), every other initializer ``c<i>`` and every intermediate value
+    ``t<i>``; the graph's inputs and outputs keep theirs. Graphs with subgraphs (``If``/``Loop``
+    from ``torch.cond``) are left as PyTorch named them, since subgraphs may read outer names.
+    """
+    g = proto.graph
+    if any(a.HasField("g") or len(a.graphs) for n in g.node for a in n.attribute):
+        return
+    keep = {v.name for v in (*g.input, *g.output)}
+    codes: dict[str, str] = {}
+    for n in g.node:
+        tensor = next((p.value for p in n.metadata_props if p.key == "mixq.tensor"), None)
+        if tensor is not None and n.input:
+            # DequantizeLinear(codes, ...) or Gather(levels, Cast(codes)) (pow-2)
+            codes.setdefault(n.input[0] if n.op_type == "DequantizeLinear" else n.input[-1], tensor)
+    producer = {o: n for n in g.node for o in n.output}
+    for key, tensor in list(codes.items()):
+        if key in producer and producer[key].op_type == "Cast":
+            codes.setdefault(producer[key].input[0], tensor)
+    inits = [i.name for i in g.initializer]
+    taken = keep | set(codes.values())
+    rename: dict[str, str] = {}
+    counters = {"c": 0, "t": 0}
+
+    def fresh(prefix: str) -> str:
+        while True:
+            name = f"{prefix}{counters[prefix]}"
+            counters[prefix] += 1
+            if name not in taken:
+                return name
+
+    used_tensor_names: set[str] = set()
+    for name in inits:
+        tensor = codes.get(name)
+        if tensor is not None and tensor not in used_tensor_names and tensor not in keep:
+            rename[name] = tensor
+            used_tensor_names.add(tensor)
+        elif name not in keep:
+            rename[name] = fresh("c")
+    for n in g.node:
+        for o in n.output:
+            if o and o not in keep and o not in rename:
+                rename[o] = fresh("t")
+    for i in g.initializer:
+        i.name = rename.get(i.name, i.name)
+    for n in g.node:
+        n.input[:] = [rename.get(v, v) for v in n.input]
+        n.output[:] = [rename.get(v, v) for v in n.output]
+    for vi in g.value_info:
+        vi.name = rename.get(vi.name, vi.name)
+
+
+#: ``metadata_props`` written as tables (``[{"columns": [...], "rows": {name: [...]}}, ...]``,
+#: one per set of fields): one record per tensor repeats the same keys, a third of a small
+#: model's metadata.
+TABLE_KEYS = ("mixq.tensors", "mixq.activations")
+
+
+def _tables(records: dict[str, dict]) -> list[dict]:
+    tables: dict[tuple[str, ...], dict] = {}
+    for name, rec in records.items():
+        t = tables.setdefault(tuple(rec), {"columns": list(rec), "rows": {}})
+        t["rows"][name] = list(rec.values())
+    return list(tables.values())
+
+
+def read_metadata(model: Any) -> dict[str, Any]:
+    """The ``mixq.*`` metadata of an exported ONNX/QONNX file (a path or a loaded proto).
+
+    Returns ``{key: value}``: ``mixq.tensors`` and ``mixq.activations`` as
+    ``{name: {field: value}}`` (stored as tables, :data:`TABLE_KEYS`), ``mixq.arch`` decoded
+    from JSON, the rest as strings.
+    """
+    if isinstance(model, (str, Path)):
+        model = require_onnx().load(str(model), load_external_data=False)
+    out: dict[str, Any] = {}
+    for p in model.metadata_props:
+        value: Any = p.value
+        if p.key in TABLE_KEYS:
+            value = {n: dict(zip(t["columns"], row, strict=True)) for t in json.loads(value)
+                     for n, row in t["rows"].items()}  # fmt: skip
+        elif p.key == "mixq.arch":
+            with contextlib.suppress(ValueError):  # a plain string
+                value = json.loads(value)
+        out[p.key] = value
+    return out
 
 
 def _set_batch(proto: Any, batch: int | None) -> None:
@@ -333,6 +427,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
     if format == "onnx":
         _qdq_after_views(onnx, proto)
     _strip_debug(proto, keep_shapes=format == "qonnx")
+    _short_names(proto)
     _set_batch(proto, batch)
     meta = {"mixq.format": "onnx-qdq" if format == "onnx" else "qonnx",
             "mixq.tensors": emitter.tensors, "mixq.activations": emitter.activations,
@@ -341,6 +436,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, format: str = "onnx",
         meta["mixq.arch"] = model.mixq_arch
     del proto.metadata_props[:]
     for key, value in meta.items():
+        if key in TABLE_KEYS:
+            value = _tables(value)
         proto.metadata_props.add(key=key, value=value if isinstance(value, str) else
                                  json.dumps(value, separators=(",", ":")))  # fmt: skip
     proto.producer_name = "mixq"

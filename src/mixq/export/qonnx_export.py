@@ -58,7 +58,8 @@ def quant_to_standard_onnx(proto: Any) -> Any:
             ("Round", [o + ".clip"], o + ".round"),
             ("Mul", [o + ".round", scale], o),
         )
-        nodes += [helper.make_node(op, ins, [out], name=f"{n.name}/{op}") for op, ins, out in steps]
+        nodes += [helper.make_node(op, ins, [out], name=f"{n.name or o}/{op}")
+                  for op, ins, out in steps]  # fmt: skip
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     keep = [o for o in model.opset_import if o.domain != QONNX_DOMAIN]
