@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import math
 import platform
@@ -372,7 +373,20 @@ def count_ops(v: Variant, x: Tensor, y: Tensor) -> tuple[int, int]:
     aten = [e for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU"]
     top = [e for e in aten if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
     kernels_ = [e for e in events if e.device_type.name == "CUDA"]
+    v.ops_by_name = collections.Counter(e.name for e in top)
     return len(top), len(kernels_)
+
+
+def ops_beyond_float(variants: list[Variant], rows: int = 12) -> str:
+    """Per variant, the top-level ATen ops it dispatches beyond float, by name (``--count-ops``):
+    where a step's extra dispatches go."""
+    base = next(v for v in variants if v.name == "float").ops_by_name
+    lines = []
+    for v in variants:
+        if v.name != "float":
+            extra = (v.ops_by_name - base).most_common(rows)
+            lines.append(f"{v.name} beyond float: " + ", ".join(f"{n[6:]} {c}" for n, c in extra))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -420,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         for v in variants:
             v.ops = count_ops(v, x, y)
     print(report(variants, machine_info(device, torch.get_num_threads()), args))
+    if args.count_ops:
+        print(ops_beyond_float(variants))
 
 
 if __name__ == "__main__":
