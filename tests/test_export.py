@@ -493,6 +493,9 @@ def test_qonnx_structure_executor_and_fixed_batch(tmp_path):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in w.attribute}
     assert attrs == {"signed": 1, "narrow": 1, "rounding_mode": b"ROUND"}
     assert float(inits[w.input[3]]) == model.conv1.weight_quantizer.bitwidth
+    # the float values initializer carries the tensor's name, not a constant the node also reads
+    name = {p.key: p.value for p in w.metadata_props}["mixq.tensor"]
+    assert w.input[0] == name and inits[name].shape == model.get_parameter(name).shape
     lowered = tmp_path / "lowered.onnx"
     lowered.write_bytes(quant_to_standard_onnx(proto).SerializeToString())
     check_parity(model, np.concatenate([_ort(lowered, x[k : k + 1]) for k in range(2)]), x)

@@ -150,6 +150,19 @@ def narrow_width(bits: int, opset: int) -> int | None:
     return 4 if bits <= 4 and opset >= 21 else None
 
 
+def _stored_input(node: Any, producer: dict[str, Any]) -> str | None:
+    """The value holding a quantized tensor's stored form, read by its ``mixq.tensor`` node:
+    ``DequantizeLinear(codes, d)``, pow-2 ``Gather(levels, Cast(codes))`` (through the Cast),
+    QONNX ``Quant(values, d, 0, b)``; None for any other node."""
+    if node.op_type in ("DequantizeLinear", "Quant"):
+        return node.input[0]
+    if node.op_type != "Gather":
+        return None
+    key = node.input[1]
+    cast = producer.get(key)
+    return cast.input[0] if cast is not None and cast.op_type == "Cast" else key
+
+
 def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
     """Store codes of <= 4 bits as INT4/UINT4 (opset >= 21), of <= 2 bits as INT2/UINT2
     (opset >= 25), and record each storage type.
@@ -171,9 +184,7 @@ def _narrow_codes(onnx: Any, proto: Any, emitter: Emitter, opset: int) -> None:
         if node is None:  # an identical tensor's nodes compute it
             rec["merged"] = True
             continue
-        key = node.input[0] if node.op_type == "DequantizeLinear" else node.input[1]
-        if key not in inits and key in producer and producer[key].op_type == "Cast":
-            key = producer[key].input[0]  # pow-2: Gather(levels, Cast(codes))
+        key = _stored_input(node, producer)
         if key not in inits:
             raise ExportError(f"{name}: the exporter folded its integer codes away; please "
                               "report this with the model")  # fmt: skip
@@ -269,8 +280,9 @@ def _strip_debug(proto: Any, keep_shapes: bool) -> None:
 def _short_names(proto: Any) -> None:
     """Rename values so that names do not outweigh small models' 4-bit payloads.
 
-    A quantized tensor's codes initializer takes the tensor's own name (``layer1.0.conv1.weight``,
-    the key of ``mixq.tensors``), every other initializer ``c<i>`` and every intermediate value
+    A quantized tensor's stored form (integer codes; QONNX: float values) takes the tensor's own
+    name (``layer1.0.conv1.weight``, the key of ``mixq.tensors``; the first tensor's where
+    PyTorch merged identical ones), every other initializer ``c<i>`` and every intermediate value
     ``t<i>``; the graph's inputs and outputs keep theirs. Graphs with subgraphs (``If``/``Loop``
     from ``torch.cond``) are left as PyTorch named them, since subgraphs may read outer names.
     """
@@ -278,18 +290,14 @@ def _short_names(proto: Any) -> None:
     if any(a.HasField("g") or len(a.graphs) for n in g.node for a in n.attribute):
         return
     keep = {v.name for v in (*g.input, *g.output)}
-    codes: dict[str, str] = {}
+    producer = {o: n for n in g.node for o in n.output}
+    stored: dict[str, str] = {}  # stored-form value -> tensor name (the first, if merged)
     for n in g.node:
         tensor = next((p.value for p in n.metadata_props if p.key == "mixq.tensor"), None)
-        if tensor is not None and n.input:
-            # DequantizeLinear(codes, ...) or Gather(levels, Cast(codes)) (pow-2)
-            codes.setdefault(n.input[0] if n.op_type == "DequantizeLinear" else n.input[-1], tensor)
-    producer = {o: n for n in g.node for o in n.output}
-    for key, tensor in list(codes.items()):
-        if key in producer and producer[key].op_type == "Cast":
-            codes.setdefault(producer[key].input[0], tensor)
-    inits = [i.name for i in g.initializer]
-    taken = keep | set(codes.values())
+        key = _stored_input(n, producer) if tensor is not None else None
+        if key is not None and tensor not in keep and tensor not in stored.values():
+            stored.setdefault(key, tensor)
+    taken = keep | set(stored.values())
     rename: dict[str, str] = {}
     counters = {"c": 0, "t": 0}
 
@@ -300,14 +308,9 @@ def _short_names(proto: Any) -> None:
             if name not in taken:
                 return name
 
-    used_tensor_names: set[str] = set()
-    for name in inits:
-        tensor = codes.get(name)
-        if tensor is not None and tensor not in used_tensor_names and tensor not in keep:
-            rename[name] = tensor
-            used_tensor_names.add(tensor)
-        elif name not in keep:
-            rename[name] = fresh("c")
+    for i in g.initializer:
+        if i.name not in keep:
+            rename[i.name] = stored.get(i.name) or fresh("c")
     for n in g.node:
         for o in n.output:
             if o and o not in keep and o not in rename:

@@ -34,6 +34,11 @@ from mixq.qat import QATStep
 from mixq.repair import capture_inputs, repair
 from mixq.train.config import TrainConfig
 
+#: Budget field -> the ``metrics.jsonl`` field (KiB) logged at every epoch end for it (the peak
+#: is not logged per epoch).
+SIZE_METRICS = {"weight": "weight_kib", "activation_max": "act_max_kib",
+                "activation_sum": "act_sum_kib"}  # fmt: skip
+
 
 class BudgetRun:
     """The budget-control state of one run (module docstring).
@@ -184,9 +189,8 @@ def plot_sizes(run_dir: Path, budget: Budget, freeze_epoch: int | None) -> Path 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if line.strip()]  # fmt: skip
     rows = [r for r in rows if "weight_kib" in r and r.get("epoch", 0) > 0]
-    series = [("weight", "weight_kib", budget.weight),
-              ("activation max", "act_max_kib", budget.activation_max),
-              ("activation sum", "act_sum_kib", budget.activation_sum)]  # fmt: skip
+    series = [(key.replace("_", " "), field, getattr(budget, key))
+              for key, field in SIZE_METRICS.items()]  # fmt: skip
     series = [s for s in series if s[2] is not None]
     if not rows or not series:
         return None
