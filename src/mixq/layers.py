@@ -149,9 +149,9 @@ class QuantAct(nn.Module):
         """Quantize (which includes the ReLU) or apply the float activation."""
         if self.quantizer is None:
             return F.relu6(x) if self.cap == 6.0 else F.relu(x)
-        if self.cap is not None:
-            x = x.clamp(max=self.cap)
-        return self.quantizer(x)
+        if self.cap is None:
+            return self.quantizer(x)
+        return self.quantizer(x, cap=self.cap)  # Q(min(x, cap)), one kernel pass
 
     def to_float(self) -> nn.Module:
         """The original ``nn.ReLU`` / ``nn.ReLU6``."""

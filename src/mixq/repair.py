@@ -64,9 +64,11 @@ def capture_inputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     seen: dict[str, Tensor] = {}
     hooks = []
     for name, q in quantizers(model):
-        def hook(_m, args, name=name):
-            seen.setdefault(name, args[0].detach().float().clone())
-        hooks.append(q.register_forward_pre_hook(hook))
+        def hook(_m, args, kwargs, name=name):
+            x, cap = args[0], kwargs.get("cap")  # QuantAct's ReLU6 cap is the quantizer's
+            x = x if cap is None else x.clamp(max=cap)
+            seen.setdefault(name, x.detach().float().clone())
+        hooks.append(q.register_forward_pre_hook(hook, with_kwargs=True))
     was_training = model.training
     model.eval()
     try:

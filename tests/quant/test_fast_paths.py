@@ -189,8 +189,72 @@ def test_pow2_matches_reference(backend, signed, with_zero, layout, n, x_min, x_
         _check_pow2(x, x_min, x_max, signed, with_zero)
 
 
-def _uniform_fn(fn, signed, x, a, b):
-    return fn(x, a, b, signed)
+CAPS = [6.0, 0.5, 0.125]  # above, inside and at the low end of the clip ranges below
+
+
+def _capped_probe(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``x`` with the cap itself, its neighbours and values far above it in front."""
+    near = torch.tensor(_around([cap, 2 * cap, 100.0 * cap])[:9])
+    return torch.cat([near, x[: x.numel() - near.numel()]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("n", [SMALL, LARGE])
+def test_capped_uniform_is_quantize_of_clamp(backend, signed, cap, n):
+    """``cap=c`` (a fused ReLU6) gives ``Q(clamp(x, max=c))``'s values and input gradient bit
+    for bit (clamp passes the gradient where ``x <= c``) and its parameter sums."""
+    d_q, x_hi = U_PARAMS[0]
+    with kernels.use(_backend_or_skip(backend)):
+        x = _layout(_capped_probe(_uniform_probe(d_q, x_hi, n), cap), "channels_last")
+        scalars = [torch.tensor(d_q), torch.tensor(x_hi)]
+        terms = _uniform_terms(d_q, x_hi, signed)
+        _check(
+            lambda x, a, b: fake_quant_uniform(x, a, b, signed, cap=cap),
+            lambda x, a, b: fake_quant_uniform_reference(x.clamp(max=cap), a, b, signed),
+            x, scalars, lambda x, g: terms(x.clamp(max=cap), g),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("signed,with_zero", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("cap", CAPS)
+def test_capped_pow2_is_quantize_of_clamp(backend, signed, with_zero, cap):
+    x_min, x_max = P_PARAMS[0]
+    with kernels.use(_backend_or_skip(backend)):
+        x = _layout(_capped_probe(_pow2_probe(x_min, x_max, LARGE), cap), "flat")
+        _check(
+            lambda x, a, b: fake_quant_pow2(x, a, b, signed, with_zero, cap=cap),
+            lambda x, a, b: fake_quant_pow2_reference(x.clamp(max=cap), a, b, signed, with_zero),
+            x, [torch.tensor(x_min), torch.tensor(x_max)], _pow2_terms,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,signed,with_zero", [("uniform", True, False),
+                                                   ("uniform", False, False),
+                                                   ("pow2", True, False), ("pow2", False, True),
+                                                   ("pow2", False, False)])  # fmt: skip
+def test_capped_nan_inputs_match_clamp(backend, kind, signed, with_zero):
+    """NaN stays NaN through the cap, and its input gradient is 0 (clamp's ``x <= c`` fails)."""
+    x = torch.tensor([math.nan, 0.3, -math.nan, 7.0, 6.0, -0.7, 0.0] * 10)
+    s = [torch.tensor(0.25), torch.tensor(8.0)]
+    if kind == "uniform":
+        fast = functools.partial(_uniform_fn, fake_quant_uniform, signed, cap=6.0)
+        ref = functools.partial(_uniform_fn, fake_quant_uniform_reference, signed)
+    else:
+        fast = functools.partial(fake_quant_pow2, signed=signed, with_zero=with_zero, cap=6.0)
+        ref = functools.partial(fake_quant_pow2_reference, signed=signed, with_zero=with_zero)
+    with kernels.use(_backend_or_skip(backend)):
+        y1, gx1, _ = _grads(fast, x, s, torch.ones_like(x))
+        y0, gx0, _ = _grads(lambda x, a, b: ref(x.clamp(max=6.0), a, b), x, s, torch.ones_like(x))
+    assert _same_values(y1, y0) and _same_values(gx1, gx0)
+    assert float(gx1[0]) == 0.0 and float(gx1[3]) == 0.0
+
+
+def _uniform_fn(fn, signed, x, a, b, **kw):
+    return fn(x, a, b, signed, **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -241,7 +241,16 @@ def _patch(model: nn.Module, forwards: Callable[[str, Quantizer], Callable],
     for name, q in model.named_modules():
         if isinstance(q, Quantizer) and "forward" not in q.__dict__:
             patched.append(q)
-            q.forward = forwards(name, q)
+            q.forward = _with_cap(forwards(name, q))
+
+
+def _with_cap(forward: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    """``forward`` with the quantizers' ``cap`` argument: ``forward(min(x, cap))``."""
+
+    def capped(x: Tensor, cap: float | None = None) -> Tensor:
+        return forward(x if cap is None else x.clamp(max=cap))
+
+    return capped
 
 
 def _restore(patched: list[Quantizer]) -> None:

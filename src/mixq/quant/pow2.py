@@ -84,12 +84,13 @@ class Pow2Quantizer(Quantizer):
         x_min = pow2round(self._clip("q_min"))
         return x_min, x_min * span
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x``: ``sign(x) * clip(2^round(log2|x|), x_min, x_max)``."""
+    def forward(self, x: Tensor, cap: float | None = None) -> Tensor:
+        """Fake-quantize ``x``: ``sign(x) * clip(2^round(log2|x|), x_min, x_max)``; of
+        ``min(x, cap)`` when ``cap`` is given (a replaced ReLU6, fused into the kernel)."""
         x_min, x_max = self.forward_derived()
         if x_min.dtype != x.dtype:
             x_min, x_max = x_min.to(x.dtype), x_max.to(x.dtype)
-        return fake_quant_pow2(x, x_min, x_max, self.signed, self.with_zero)
+        return fake_quant_pow2(x, x_min, x_max, self.signed, self.with_zero, cap)
 
     @property
     def q_min_effective(self) -> float:

@@ -86,12 +86,13 @@ class UniformQuantizer(Quantizer):
         x_hi = self._clip("q_max")
         return self._step(x_hi / levels), x_hi
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x`` (any shape): ``d_q * round(clip(x, x_lo, x_hi) / d_q)``."""
+    def forward(self, x: Tensor, cap: float | None = None) -> Tensor:
+        """Fake-quantize ``x`` (any shape): ``d_q * round(clip(x, x_lo, x_hi) / d_q)``; of
+        ``min(x, cap)`` when ``cap`` is given (a replaced ReLU6, fused into the kernel)."""
         d_q, x_hi = self.forward_derived()
         if d_q.dtype != x.dtype:
             d_q, x_hi = d_q.to(x.dtype), x_hi.to(x.dtype)
-        return fake_quant_uniform(x, d_q, x_hi, self.signed)
+        return fake_quant_uniform(x, d_q, x_hi, self.signed, cap)
 
     # -- derived quantities, read-only --------------------------------------------------------
     @property

@@ -68,16 +68,24 @@ inline vf clip(vf x, float lo, float hi) {
   return sel(c > hi, sp(hi), c);
 }
 
-template <bool S>
-inline vf ufwd1(vf x, float dq, float hi) {
+// min(x, cap) as torch.clamp(x, max=cap): NaN stays NaN.
+inline vf cap1(vf x, float cap) { return sel(x > cap, sp(cap), x); }
+
+template <bool S, bool C>
+inline vf ufwd1(vf x, float dq, float hi, float cap) {
+  if (C) x = cap1(x, cap);
   return rha(clip(x, S ? -hi : 0.0f, hi) / dq) * dq;
 }
 
-template <bool S, bool GX>
-inline void ubwd1(vf x, vf g, vf* gx, float dq, float hi, vd* a0, vd* a1) {
+// With C the input is min(x, cap) first; its gradient passes where x <= cap (as clamp's).
+template <bool S, bool GX, bool C>
+inline void ubwd1(vf x, vf g, vf* gx, float dq, float hi, float cap, vd* a0, vd* a1) {
   const float lo = S ? -hi : 0.0f;
+  const vi keep = C ? (x <= cap) : vi{};
+  if (C) x = cap1(x, cap);
   const vi ho = x >= hi, lw = x <= lo;
   if (GX) *gx = sel(ho | lw, sp(0.0f), g);
+  if (GX && C) *gx = sel(keep, *gx, sp(0.0f));
   const vf c = clip(x, lo, hi);
   const vf yq = rha(c / dq) * dq;
   *a0 += wide(g * (yq - c));
@@ -89,8 +97,9 @@ inline void ubwd1(vf x, vf g, vf* gx, float dq, float hi, vd* a0, vd* a1) {
 template <bool S>
 inline vf magnitude(vf x) { return S ? (vf)((vu)x & 0x7FFFFFFFu) : sel(x <= 0.0f, sp(0.0f), x); }
 
-template <bool S, bool Z>
-inline vf pfwd1(vf x, float xmin, float xmax, float thr) {
+template <bool S, bool Z, bool C>
+inline vf pfwd1(vf x, float xmin, float xmax, float thr, float cap) {
+  if (C) x = cap1(x, cap);
   const vf a = magnitude<S>(x);
   vf m = pow2mag(a);
   m = sel(m <= xmin, sp(xmin), m);
@@ -99,14 +108,18 @@ inline vf pfwd1(vf x, float xmin, float xmax, float thr) {
   return S ? sel(x < 0.0f, -m, m) : m;
 }
 
-template <bool S, bool Z, bool GX>
-inline void pbwd1(vf x, vf g, vf* gx, float xmin, float xmax, float thr, vd* a0, vd* a1) {
+template <bool S, bool Z, bool GX, bool C>
+inline void pbwd1(vf x, vf g, vf* gx, float xmin, float xmax, float thr, float cap, vd* a0,
+                  vd* a1) {
+  const vi keep = C ? (x <= cap) : vi{};
+  if (C) x = cap1(x, cap);
   const vf a = magnitude<S>(x);
   const vf gs = S ? sel(x < 0.0f, -g, g) : g;
   const vi r3 = a >= xmax, below = a < xmin;
   const vi r1 = Z ? (below & (a >= thr)) : below;
   const vi r2 = ~(r3 | below);
   if (GX) *gx = sel(r2, (g * pow2mag(a)) / sel(r2, a, sp(1.0f)), sp(0.0f));
+  if (GX && C) *gx = sel(keep, *gx, sp(0.0f));
   *a0 += wide(sel(r1, gs, sp(0.0f)));
   *a1 += wide(sel(r3, gs, sp(0.0f)));
 }
@@ -196,37 +209,39 @@ inline float zero_threshold(float xmin) {
   return f;
 }
 
-template <bool S>
-void ufwd_run(const float* x, float* y, int64_t n, float dq, float hi, int nt) {
+template <bool S, bool C>
+void ufwd_run(const float* x, float* y, int64_t n, float dq, float hi, float cap, int nt) {
   parallel(n, threads_for(n, nt), [=](int, int64_t lo, int64_t up) {
-    map1(x, y, lo, up, [=](vf v) { return ufwd1<S>(v, dq, hi); });
+    map1(x, y, lo, up, [=](vf v) { return ufwd1<S, C>(v, dq, hi, cap); });
   });
 }
 
-template <bool S, bool GX>
-void ubwd_run(const float* x, const float* g, float* gx, int64_t n, float dq, float hi, int nt,
-              double* s0, double* s1) {
+template <bool S, bool GX, bool C>
+void ubwd_run(const float* x, const float* g, float* gx, int64_t n, float dq, float hi,
+              float cap, int nt, double* s0, double* s1) {
   const int k = threads_for(n, nt);
   Partials part(k);
   Partials* pp = &part;
   parallel(n, k, [=](int t, int64_t lo, int64_t up) {
     map2(x, g, gx, lo, up, pp->at(t), pp->at(t) + 1,
-         [=](vf xv, vf gv, vf* o, vd* a0, vd* a1) { ubwd1<S, GX>(xv, gv, o, dq, hi, a0, a1); });
+         [=](vf xv, vf gv, vf* o, vd* a0, vd* a1) {
+           ubwd1<S, GX, C>(xv, gv, o, dq, hi, cap, a0, a1);
+         });
   });
   part.total(s0, s1);
 }
 
-template <bool S, bool Z>
-void pfwd_run(const float* x, float* y, int64_t n, float xmin, float xmax, int nt) {
+template <bool S, bool Z, bool C>
+void pfwd_run(const float* x, float* y, int64_t n, float xmin, float xmax, float cap, int nt) {
   const float thr = zero_threshold(xmin);
   parallel(n, threads_for(n, nt), [=](int, int64_t lo, int64_t up) {
-    map1(x, y, lo, up, [=](vf v) { return pfwd1<S, Z>(v, xmin, xmax, thr); });
+    map1(x, y, lo, up, [=](vf v) { return pfwd1<S, Z, C>(v, xmin, xmax, thr, cap); });
   });
 }
 
-template <bool S, bool Z, bool GX>
+template <bool S, bool Z, bool GX, bool C>
 void pbwd_run(const float* x, const float* g, float* gx, int64_t n, float xmin, float xmax,
-              int nt, double* s0, double* s1) {
+              float cap, int nt, double* s0, double* s1) {
   const float thr = zero_threshold(xmin);
   const int k = threads_for(n, nt);
   Partials part(k);
@@ -234,7 +249,7 @@ void pbwd_run(const float* x, const float* g, float* gx, int64_t n, float xmin, 
   parallel(n, k, [=](int t, int64_t lo, int64_t up) {
     map2(x, g, gx, lo, up, pp->at(t), pp->at(t) + 1,
          [=](vf xv, vf gv, vf* o, vd* a0, vd* a1) {
-           pbwd1<S, Z, GX>(xv, gv, o, xmin, xmax, thr, a0, a1);
+           pbwd1<S, Z, GX, C>(xv, gv, o, xmin, xmax, thr, cap, a0, a1);
          });
   });
   part.total(s0, s1);
@@ -242,57 +257,76 @@ void pbwd_run(const float* x, const float* g, float* gx, int64_t n, float xmin, 
 
 }  // namespace
 
+// Instantiate F for a capped (capp non-null) or an uncapped input.
+#define MIXQ_CAP(F) \
+  if (capp) { F(true) } else { F(false) }
+
 extern "C" {
 
-int mixq_abi_version() { return 2; }
+int mixq_abi_version() { return 3; }
 
+// capp: null, or the cap of min(x, *capp) applied before quantizing (a fused ReLU6).
 void mixq_uniform_fwd(const float* x, float* y, int64_t n, const float* dqp, const float* hip,
-                      int is_signed, int nt) {
-  if (is_signed) ufwd_run<true>(x, y, n, *dqp, *hip, nt);
-  else ufwd_run<false>(x, y, n, *dqp, *hip, nt);
+                      int is_signed, const float* capp, int nt) {
+  const float cap = capp ? *capp : 0.0f;
+#define MIXQ_UF(C)                                                               \
+  if (is_signed) ufwd_run<true, C>(x, y, n, *dqp, *hip, cap, nt);                \
+  else ufwd_run<false, C>(x, y, n, *dqp, *hip, cap, nt);
+  MIXQ_CAP(MIXQ_UF)
+#undef MIXQ_UF
 }
 
 // out[0] = sum g (y - c) / d_q, out[1] = sum g * out_sign (float32 results).
 void mixq_uniform_bwd(const float* x, const float* g, float* gx, int64_t n, const float* dqp,
-                      const float* hip, int is_signed, float* out, int nt) {
-  const float dq = *dqp, hi = *hip;
+                      const float* hip, int is_signed, const float* capp, float* out, int nt) {
+  const float dq = *dqp, hi = *hip, cap = capp ? *capp : 0.0f;
   double s0, s1;
-  if (is_signed) {
-    if (gx) ubwd_run<true, true>(x, g, gx, n, dq, hi, nt, &s0, &s1);
-    else ubwd_run<true, false>(x, g, gx, n, dq, hi, nt, &s0, &s1);
-  } else {
-    if (gx) ubwd_run<false, true>(x, g, gx, n, dq, hi, nt, &s0, &s1);
-    else ubwd_run<false, false>(x, g, gx, n, dq, hi, nt, &s0, &s1);
+#define MIXQ_UB(C)                                                                   \
+  if (is_signed) {                                                                   \
+    if (gx) ubwd_run<true, true, C>(x, g, gx, n, dq, hi, cap, nt, &s0, &s1);          \
+    else ubwd_run<true, false, C>(x, g, gx, n, dq, hi, cap, nt, &s0, &s1);            \
+  } else {                                                                           \
+    if (gx) ubwd_run<false, true, C>(x, g, gx, n, dq, hi, cap, nt, &s0, &s1);         \
+    else ubwd_run<false, false, C>(x, g, gx, n, dq, hi, cap, nt, &s0, &s1);           \
   }
+  MIXQ_CAP(MIXQ_UB)
+#undef MIXQ_UB
   out[0] = (float)s0 / dq;
   out[1] = (float)s1;
 }
 
 void mixq_pow2_fwd(const float* x, float* y, int64_t n, const float* minp, const float* maxp,
-                   int is_signed, int with_zero, int nt) {
-  const float a = *minp, b = *maxp;
-  if (is_signed) {
-    if (with_zero) pfwd_run<true, true>(x, y, n, a, b, nt);
-    else pfwd_run<true, false>(x, y, n, a, b, nt);
-  } else {
-    if (with_zero) pfwd_run<false, true>(x, y, n, a, b, nt);
-    else pfwd_run<false, false>(x, y, n, a, b, nt);
+                   int is_signed, int with_zero, const float* capp, int nt) {
+  const float a = *minp, b = *maxp, cap = capp ? *capp : 0.0f;
+#define MIXQ_PF(C)                                                              \
+  if (is_signed) {                                                              \
+    if (with_zero) pfwd_run<true, true, C>(x, y, n, a, b, cap, nt);              \
+    else pfwd_run<true, false, C>(x, y, n, a, b, cap, nt);                       \
+  } else {                                                                      \
+    if (with_zero) pfwd_run<false, true, C>(x, y, n, a, b, cap, nt);             \
+    else pfwd_run<false, false, C>(x, y, n, a, b, cap, nt);                      \
   }
+  MIXQ_CAP(MIXQ_PF)
+#undef MIXQ_PF
 }
 
 // out[0] = sum_{R1} g s, out[1] = sum_{R3} g s.
 void mixq_pow2_bwd(const float* x, const float* g, float* gx, int64_t n, const float* minp,
-                   const float* maxp, int is_signed, int with_zero, float* out, int nt) {
-  const float a = *minp, b = *maxp;
+                   const float* maxp, int is_signed, int with_zero, const float* capp,
+                   float* out, int nt) {
+  const float a = *minp, b = *maxp, cap = capp ? *capp : 0.0f;
   double s0, s1;
-#define MIXQ_PB(S, Z)                                                        \
-  if (gx) pbwd_run<S, Z, true>(x, g, gx, n, a, b, nt, &s0, &s1);              \
-  else pbwd_run<S, Z, false>(x, g, gx, n, a, b, nt, &s0, &s1);
-  if (is_signed) {
-    if (with_zero) { MIXQ_PB(true, true) } else { MIXQ_PB(true, false) }
-  } else {
-    if (with_zero) { MIXQ_PB(false, true) } else { MIXQ_PB(false, false) }
+#define MIXQ_PB(S, Z, C)                                                     \
+  if (gx) pbwd_run<S, Z, true, C>(x, g, gx, n, a, b, cap, nt, &s0, &s1);      \
+  else pbwd_run<S, Z, false, C>(x, g, gx, n, a, b, cap, nt, &s0, &s1);
+#define MIXQ_PBC(C)                                                          \
+  if (is_signed) {                                                           \
+    if (with_zero) { MIXQ_PB(true, true, C) } else { MIXQ_PB(true, false, C) } \
+  } else {                                                                   \
+    if (with_zero) { MIXQ_PB(false, true, C) } else { MIXQ_PB(false, false, C) } \
   }
+  MIXQ_CAP(MIXQ_PBC)
+#undef MIXQ_PBC
 #undef MIXQ_PB
   out[0] = (float)s0;
   out[1] = (float)s1;

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mixq.quant.kernels._cpp_source import SOURCE
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 _FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-Wno-psabi", "-shared", "-fPIC",
           "-std=c++17"]  # fmt: skip
 _VARIANTS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
@@ -106,10 +106,11 @@ def _remove_stale(keep: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.mixq_abi_version.restype = i32
-    lib.mixq_uniform_fwd.argtypes = [p, p, i64, p, p, i32, i32]
-    lib.mixq_uniform_bwd.argtypes = [p, p, p, i64, p, p, i32, p, i32]
-    lib.mixq_pow2_fwd.argtypes = [p, p, i64, p, p, i32, i32, i32]
-    lib.mixq_pow2_bwd.argtypes = [p, p, p, i64, p, p, i32, i32, p, i32]
+    cap = ctypes.POINTER(ctypes.c_float)
+    lib.mixq_uniform_fwd.argtypes = [p, p, i64, p, p, i32, cap, i32]
+    lib.mixq_uniform_bwd.argtypes = [p, p, p, i64, p, p, i32, cap, p, i32]
+    lib.mixq_pow2_fwd.argtypes = [p, p, i64, p, p, i32, i32, cap, i32]
+    lib.mixq_pow2_bwd.argtypes = [p, p, p, i64, p, p, i32, i32, cap, p, i32]
     for f in ("mixq_uniform_fwd", "mixq_uniform_bwd", "mixq_pow2_fwd", "mixq_pow2_bwd"):
         getattr(lib, f).restype = None
 
@@ -170,10 +171,16 @@ def reset() -> None:
 
 #: Inputs must be one dense block of memory (the kernels index ``x`` and ``g`` linearly).
 DENSE = True
+#: The four functions take ``cap``: quantize ``min(x, cap)`` in the same pass (a ReLU6).
+CAP = True
 
 
 def _ptr(t: Tensor) -> int:
     return t.data_ptr()
+
+
+def _cap(cap: float | None) -> ctypes._Pointer | None:
+    return None if cap is None else ctypes.pointer(ctypes.c_float(cap))
 
 
 def _as_shapes(out: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,42 +191,52 @@ def _as_shapes(out: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return ga, (gb if b.dim() == 0 else gb.reshape(b.shape))
 
 
-def uniform_fwd(x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool) -> Tensor:
-    """``y = d_q * round(clip(x, x_lo, x_hi) / d_q)``; ``x`` dense, same layout out."""
+def uniform_fwd(
+    x: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, cap: float | None = None
+) -> Tensor:
+    """``y = d_q * round(clip(x, x_lo, x_hi) / d_q)``, of ``min(x, cap)`` when ``cap`` is
+    given; ``x`` dense, same layout out."""
     y = torch.empty_like(x)
     library().mixq_uniform_fwd(_ptr(x), _ptr(y), x.numel(), _ptr(d_q), _ptr(x_hi), int(signed),
-                               torch.get_num_threads())  # fmt: skip
+                               _cap(cap), torch.get_num_threads())  # fmt: skip
     return y
 
 
 def uniform_bwd(
-    x: Tensor, g: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, need_x: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """``(dL/dx or None, dL/dd_q, dL/dx_hi)``; ``g`` has the layout of ``x``."""
+    x: Tensor, g: Tensor, d_q: Tensor, x_hi: Tensor, signed: bool, need_x: bool,
+    cap: float | None = None,
+) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
+    """``(dL/dx or None, dL/dd_q, dL/dx_hi)``; ``g`` has the layout of ``x``. With ``cap``
+    those of ``x -> Q(min(x, cap))``: ``dL/dx`` is 0 where ``x > cap`` (as ``clamp``'s)."""
     gx = torch.empty_like(x) if need_x else None
     out = torch.empty(2, dtype=torch.float32)
     library().mixq_uniform_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
-                               _ptr(d_q), _ptr(x_hi), int(signed), _ptr(out),
+                               _ptr(d_q), _ptr(x_hi), int(signed), _cap(cap), _ptr(out),
                                torch.get_num_threads())  # fmt: skip
     return (gx, *_as_shapes(out, d_q, x_hi))
 
 
-def pow2_fwd(x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool) -> Tensor:
-    """Power-of-two fake quantization of a dense float32 tensor."""
+def pow2_fwd(
+    x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool,
+    cap: float | None = None,
+) -> Tensor:  # fmt: skip
+    """Power-of-two fake quantization of a dense float32 tensor (of ``min(x, cap)``)."""
     y = torch.empty_like(x)
     library().mixq_pow2_fwd(_ptr(x), _ptr(y), x.numel(), _ptr(x_min), _ptr(x_max), int(signed),
-                            int(with_zero), torch.get_num_threads())  # fmt: skip
+                            int(with_zero), _cap(cap), torch.get_num_threads())  # fmt: skip
     return y
 
 
 def pow2_bwd(
     x: Tensor, g: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool,
-    need_x: bool,
+    need_x: bool, cap: float | None = None,
 ) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
-    """``(dL/dx or None, sum_R1 g s, sum_R3 g s)``; ``g`` has the layout of ``x``."""
+    """``(dL/dx or None, sum_R1 g s, sum_R3 g s)``; ``g`` has the layout of ``x`` (with
+    ``cap``: of ``min(x, cap)``, ``dL/dx`` 0 where ``x > cap``)."""
     gx = torch.empty_like(x) if need_x else None
     out = torch.empty(2, dtype=torch.float32)
     library().mixq_pow2_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
-                            _ptr(x_min), _ptr(x_max), int(signed), int(with_zero), _ptr(out),
+                            _ptr(x_min), _ptr(x_max), int(signed), int(with_zero), _cap(cap),
+                            _ptr(out),
                             torch.get_num_threads())  # fmt: skip
     return (gx, *_as_shapes(out, x_min, x_max))
