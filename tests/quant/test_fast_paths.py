@@ -469,6 +469,54 @@ def test_round_half_away_matches_reference_on_bit_patterns():
     assert torch.equal(round_half_away(x.double()), round_half_away_reference(x.double()))
 
 
+def _bit_patterns() -> torch.Tensor:
+    """Floats of every exponent and sign (a stride through all 2^32 bit patterns, no NaN), and
+    the halves and neighbours where rounding decides."""
+    u = torch.arange(0, 2**32, 997 * 17, dtype=torch.int64)
+    x = (u - (u >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
+    edge = [0.5, -0.5, 2.5, -2.5, 0.49999997, 8388609.0, 8388608.5, -16777215.0]
+    return torch.cat([x[~x.isnan()], torch.tensor(edge)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_rounding_matches_reference_on_bit_patterns(backend):
+    """The backends' ``round(c / d_q)`` on every exponent: ``d_q = 1`` and a range wide enough to
+    clip nothing but infinities leaves the rounding itself (the C++ kernels' one-instruction
+    ``trunc`` with AVX, the int32 round trip without)."""
+    x = _bit_patterns()
+    x = x[x.isfinite()]
+    with kernels.use(_backend_or_skip(backend)):
+        for d_q in (1.0, 2.0**-3, 2.0**5):
+            a, b = torch.tensor(d_q), torch.tensor(3.0e38)
+            assert _same_values(fake_quant_uniform(x, a, b, True),
+                                fake_quant_uniform_reference(x, a, b, True))  # fmt: skip
+
+
+# the step sizes where c / d_q = c * (1 / d_q) must hold or is not used: powers of two at the
+# ends of the float range (1 / 2^-127 is a float, 1 / 2^-128 is not; 2^-149 is the smallest
+# subnormal), their float neighbours, and steps that are no power of two
+EXTREME_STEPS = [2.0**-127, 2.0**-126, 2.0**-128, 2.0**-149, 2.0**100, 2.0**120,
+                 math.nextafter(2.0**-20, 1.0), math.nextafter(0.5, 0.0), 0.75, 3.0e-39]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d_q", EXTREME_STEPS)
+def test_uniform_matches_reference_at_extreme_steps(backend, d_q):
+    """Values, gradients and sums at extreme power-of-two steps and their neighbours, on inputs
+    spread over many multiples of the step (the kernel multiplies by ``1 / d_q`` exactly when
+    that reciprocal is a float and ``d_q`` a power of two, and divides otherwise)."""
+    d_q = float(torch.tensor(d_q))  # as float32
+    g = torch.Generator().manual_seed(3)
+    halves = (torch.arange(-100, 100, dtype=torch.float64) + 0.5) * d_q  # where rounding decides
+    near = torch.tensor(_around(halves.float().tolist()))  # with their float neighbours
+    x = torch.cat([torch.randn(12 * 401, generator=g) * min(40.0 * d_q, 2.0e37), near])
+    assert x.isfinite().all()  # 2^120 * 100 is still a float
+    x_hi = float(torch.tensor(min(30.0 * d_q, 3.0e38)))
+    with kernels.use(_backend_or_skip(backend)):
+        for signed in (True, False):
+            _check_uniform(x, d_q, x_hi, signed)
+
+
 def test_pow2_rounding_threshold_is_the_exact_geometric_mean():
     """``|x|`` rounds to ``2^(k+1)`` iff ``|x| > sqrt2 * 2^k`` (float32 log2 would misround at
     large ``k``); the zero-pruning threshold is exactly ``x_min / sqrt2``."""
