@@ -8,7 +8,9 @@ ask for torch: ``pip install --target .thirdparty-hf transformers``; run with
 (tests/zoo.py), with random weights, and prints one table: the activation sites found
 (counted / quantized / float / not counted), the activation sum, max and peak at 4 bits,
 whether every quantizer parameter got a finite gradient, whether ``to_float`` restores the
-float outputs exactly, whether the packed file reloads into a float skeleton with the same
+float outputs exactly, whether the weights quantized in one node per group (``share_derived``,
+as in training) give the outputs and gradients of the per-layer calls bit for bit (and how many
+tensors were batched), whether the packed file reloads into a float skeleton with the same
 outputs bit for bit, and the largest difference between onnxruntime running the ONNX export
 (``ties="away"``) and the quantized model in PyTorch (``--no-export`` leaves both out).
 
@@ -39,6 +41,7 @@ from mixq.config import QuantConfig
 from mixq.convert import quantizers, to_float
 from mixq.cost import BITS_PER_KIB, Budget, activation_bits
 from mixq.qat import param_groups
+from mixq.quant.group import share_derived
 from mixq.report import report
 from mixq.sites import table_of
 
@@ -176,6 +179,30 @@ def _run(name: str, model: nn.Module, shape: tuple[int, ...], mode: str) -> dict
     }  # fmt: skip
 
 
+def _batched_equal(model: nn.Module, shape: tuple[int, ...], mode: str) -> str:
+    """Weights and biases quantized in one node per group (``share_derived``, as ``QATStep``
+    does) against each layer calling its quantizers: ``exact (N)`` when the outputs and every
+    gradient are equal bit for bit (eval mode, no dropout), N the tensors bound to a group."""
+    torch.manual_seed(0)
+    x = torch.randn(2, *shape)
+    quantize_model(model, QuantConfig(activation_sites=mode), example_input=x[:1])
+    ref = copy.deepcopy(model)
+    shared = share_derived(model, [q for _, q in quantizers(model)])
+    n = len(shared._found)
+    outs = []
+    for m in (model, ref):
+        m.eval()
+        out = _logits(m(x))
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad for p in m.parameters()]))
+    (ya, ga), (yb, gb) = outs
+    same = torch.equal(ya, yb) and all(
+        (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+        for a, b in zip(ga, gb, strict=True)
+    )
+    return f"{'exact' if same else 'DIFF'} ({n})"
+
+
 def _exact_to_float(model: nn.Module, shape: tuple[int, ...], mode: str) -> bool:
     """``to_float(quantize_model(m))`` gives the float outputs of ``m`` bit for bit."""
     torch.manual_seed(0)
@@ -231,7 +258,7 @@ def main() -> None:
     torch.set_num_threads(1)
     header = (f"{'model':<28} {'mode':<6} {'sites':>5} {'cnt':>4} {'q':>4} {'flt':>4} "
               f"{'unc':>4} {'sum KiB':>9} {'max KiB':>8} {'peak KiB':>9} {'peak at':<28} "
-              f"{'grads':<6} {'to_float':<8} {'conv s':>6} {'step s':>6}"
+              f"{'grads':<6} {'to_float':<8} {'batched':<11} {'conv s':>6} {'step s':>6}"
               + ("" if args.no_export else f" {'packed':<7} onnx max|diff|"))  # fmt: skip
     rows = []
     for name, model, shape in _models():
@@ -242,6 +269,7 @@ def main() -> None:
             try:
                 r = _run(name, m, shape, mode)
                 r["exact"] = _exact_to_float(copy.deepcopy(model), shape, mode)
+                r["batched"] = _batched_equal(copy.deepcopy(model), shape, mode)
                 ex = ""
                 if not args.no_export:
                     with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +280,7 @@ def main() -> None:
                     f"{r['quantized']:>4} {r['float']:>4} {r['uncounted']:>4} {r['sum']:>9.2f} "
                     f"{r['max']:>8.2f} {r['peak']:>9.2f} {str(r['peak_at'])[:28]:<28} "
                     f"{'finite' if r['finite'] else 'BAD':<6} "
-                    f"{'exact' if r['exact'] else 'DIFF':<8} "
+                    f"{'exact' if r['exact'] else 'DIFF':<8} {r['batched']:<11} "
                     f"{r['t_conv']:>6.2f} {r['t_step']:>6.2f}{ex}"
                 )  # fmt: skip
             except Exception as e:  # one table row per model, whatever breaks

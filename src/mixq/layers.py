@@ -13,16 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixq.quant.base import Quantizer
+from mixq.quant.base import SHARED_TENSORS, Quantizer
+from mixq.quant.bound import shared_tensor
 
 
 def _quantized_weight_bias(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(Q_w(W), Q_b(bias))`` of a quantized layer (a float tensor where no quantizer)."""
+    """``(Q_w(W), Q_b(bias))`` of a quantized layer (a float tensor where no quantizer); the
+    tensors quantized in batch for this model forward where they were
+    (:mod:`mixq.quant.bound`)."""
     wq, bq = layer.weight_quantizer, layer.bias_quantizer
-    w = wq(layer.weight) if wq is not None else layer.weight
-    b = layer.bias
+    w, b = layer.weight, layer.bias
+    if SHARED_TENSORS in layer.__dict__:
+        sw, sb = shared_tensor(layer, "weight"), shared_tensor(layer, "bias")
+    else:
+        sw = sb = None
+    if wq is not None:
+        w = sw if sw is not None else wq(w)
     if b is not None and bq is not None:
-        b = bq(b)
+        b = sb if sb is not None else bq(b)
     return w, b
 
 
@@ -34,6 +42,7 @@ class QuantConv2d(nn.Conv2d):
     weight_quantizer: Quantizer | None
     bias_quantizer: Quantizer | None
     input_quantizer: Quantizer | None  # a child module when set (see forward)
+    _mixq_reads_shared_tensors = True  # forward reads them (mixq.quant.bound.READS_SHARED)
 
     @classmethod
     def from_float(
@@ -96,6 +105,7 @@ class QuantLinear(nn.Linear):
     weight_quantizer: Quantizer | None
     bias_quantizer: Quantizer | None
     input_quantizer: Quantizer | None  # a child module when set (see forward)
+    _mixq_reads_shared_tensors = True  # forward reads them (mixq.quant.bound.READS_SHARED)
 
     @classmethod
     def from_float(

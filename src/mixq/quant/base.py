@@ -42,6 +42,11 @@ SHARED = "_mixq_shared"
 """Instance attribute that :mod:`mixq.quant.group` sets on a quantizer for one model forward:
 ``(a, b, grad_enabled)``, the quantizer's ``derived()`` computed in batch with its group's."""
 
+SHARED_TENSORS = "_mixq_shared_tensors"
+"""Instance attribute that :mod:`mixq.quant.bound` sets on a layer for one model forward:
+``(grad_enabled, {"weight": Q_w(W), "bias": Q_b(b)})``, its tensors fake-quantized in batch with
+the other layers' (the layer reads them instead of calling its quantizers)."""
+
 
 def check_parametrization(kind: str, parametrization: str) -> tuple[str, str]:
     """Return the parameter names of ``kind/parametrization`` or raise a ``ValueError``."""

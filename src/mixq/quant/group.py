@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from mixq.quant import bound
 from mixq.quant.base import SHARED, Quantizer, config_version
 from mixq.quant.bounds import MARGIN
 from mixq.quant.pow2 import Pow2Quantizer
@@ -180,6 +181,13 @@ class _Clip(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         v, lo, hi = ctx.saved_tensors
         return torch.where((v > lo) & (v < hi), g, 0.0), None, None
+
+
+def _split(use: _Use, d: Derived) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """The 0-d entries of ``d.a`` and ``d.b``, one per member."""
+    if _compiling():
+        return d.a.unbind(), d.b.unbind()
+    return _Split.apply(use, d.a), _Split.apply(use, d.b)
 
 
 def _clip(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -396,20 +404,23 @@ class QuantizerGroups:
         return [q for g in self.groups for q in g.members]
 
     # -- the four computations ---------------------------------------------------------------------
-    def derived(self) -> list[tuple[Quantizer, Tensor, Tensor]]:
-        """``(q, a, b)`` for every batchable quantizer: its ``derived()`` as 0-d views of the
-        group's vectors (differentiable; the gradients of all members flow back together)."""
+    def derived_vectors(self) -> list[tuple[_Group, _Use, Derived]]:
+        """``(group, use, derived)`` of every group: its members' ``derived()`` as vectors
+        (differentiable), with the :class:`_Use` that its consumers mark."""
         self.check()
         out = []
         for g in self.groups:
             use = _Use(len(g.members))
             raw = g.raw(use)
-            d = g.derived(raw, g.consts(raw[0]))
-            if _compiling():
-                a, b = d.a.unbind(), d.b.unbind()
-            else:
-                a, b = _Split.apply(use, d.a), _Split.apply(use, d.b)
-            out += zip(g.members, a, b, strict=True)
+            out.append((g, use, g.derived(raw, g.consts(raw[0]))))
+        return out
+
+    def derived(self) -> list[tuple[Quantizer, Tensor, Tensor]]:
+        """``(q, a, b)`` for every batchable quantizer: its ``derived()`` as 0-d views of the
+        group's vectors (differentiable; the gradients of all members flow back together)."""
+        out = []
+        for g, use, d in self.derived_vectors():
+            out += zip(g.members, *_split(use, d), strict=True)
         return out
 
     def bitwidths(self) -> Tensor:
@@ -496,25 +507,44 @@ def _tracing() -> bool:
 
 class SharedDerived:
     """Forward hooks of a model: before each forward, derive the scalars of every batchable
-    quantizer of ``groups`` in one batch and hand each quantizer its ``(a, b)``; after it
-    (always, errors included), take them back.
+    quantizer of ``groups`` in one batch and hand each quantizer its ``(a, b)``, and
+    fake-quantize the layer weights and biases bound to them in one node per group
+    (:mod:`mixq.quant.bound`; with ``model``); after it (always, errors included), take them
+    back.
 
     A quantizer's forward uses the values only when they were derived with gradients or it runs
     without; under ``torch.compile``/``torch.export`` and inside a ``TorchFunctionMode`` the
     hooks do nothing and each quantizer derives its own (the compiler fuses them).
     """
 
-    def __init__(self, groups: QuantizerGroups) -> None:
+    def __init__(self, groups: QuantizerGroups, model: nn.Module | None = None) -> None:
         self.groups = groups
         self.handles: list = []
+        self._found = bound.find_bindings(model) if model is not None else {}
+        self._bindings: dict[_Group, list[bound.Binding]] = {}
+        self._bound_of: list[_Group] | None = None
+        self._handed: list[bound.Binding] = []
+
+    def _bindings_of(self, g: _Group) -> list[bound.Binding]:
+        if self._bound_of is not self.groups.groups:  # regrouped: the members moved
+            self._bindings, self._bound_of = {}, self.groups.groups
+        b = self._bindings.get(g)
+        if b is None:
+            b = self._bindings[g] = bound.group_bindings(g.members, self._found)
+        return b
 
     def before(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook."""
         if _tracing():
             return
         grad = torch.is_grad_enabled()
-        for q, a, b in self.groups.derived():
-            q.__dict__[SHARED] = (a, b, grad)
+        for g, use, d in self.groups.derived_vectors():
+            for q, a, b in zip(g.members, *_split(use, d), strict=True):
+                q.__dict__[SHARED] = (a, b, grad)
+            if self._found:
+                todo = self._bindings_of(g)
+                if todo:
+                    self._handed += bound.quantize_bound(todo, g.uniform, use, d.a, d.b, grad)
 
     def after(self, module: nn.Module, args: tuple, output: object) -> None:
         """The forward hook (``always_call``)."""
@@ -522,6 +552,9 @@ class SharedDerived:
             return
         for q in self.groups.quantizers:
             q.__dict__.pop(SHARED, None)
+        if self._handed:
+            bound.release(self._handed)
+            self._handed = []
 
     def remove(self) -> None:
         """Unregister both hooks."""
@@ -539,7 +572,7 @@ def share_derived(model: nn.Module, quantizers: Sequence[Quantizer]) -> SharedDe
     old = model.__dict__.get("_mixq_shared_derived")
     if old is not None:
         old.remove()
-    s = SharedDerived(cached_groups(model, quantizers))
+    s = SharedDerived(cached_groups(model, quantizers), model)
     s.handles = [
         model.register_forward_pre_hook(s.before),
         model.register_forward_hook(s.after, always_call=True),

@@ -216,6 +216,56 @@ def uniform_bwd(
     return (gx, *_as_shapes(out, d_q, x_hi))
 
 
+def _at(v: Tensor, i: int) -> int:
+    """The address of entry ``i`` of the dense float32 vector ``v``."""
+    return v.data_ptr() + 4 * i
+
+
+def uniform_fwd_at(x: Tensor, d_q: Tensor, x_hi: Tensor, i: int, signed: bool) -> Tensor:
+    """:func:`uniform_fwd` with the scalars ``d_q[i]``, ``x_hi[i]`` of two dense float32 vectors
+    (a quantizer group's derived values; no 0-d tensors are made)."""
+    y = torch.empty_like(x)
+    library().mixq_uniform_fwd(_ptr(x), _ptr(y), x.numel(), _at(d_q, i), _at(x_hi, i),
+                               int(signed), None, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def uniform_bwd_at(
+    x: Tensor, g: Tensor, d_q: Tensor, x_hi: Tensor, i: int, signed: bool, need_x: bool,
+    sums: Tensor, row: int,
+) -> Tensor | None:  # fmt: skip
+    """:func:`uniform_bwd` with the scalars at entry ``i`` (as :func:`uniform_fwd_at`); the two
+    sums go to ``sums[row, 0]``, ``sums[row, 1]`` of a dense ``[n, 2]`` float32 tensor."""
+    gx = torch.empty_like(x) if need_x else None
+    library().mixq_uniform_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
+                               _at(d_q, i), _at(x_hi, i), int(signed), None, _at(sums, 2 * row),
+                               torch.get_num_threads())  # fmt: skip
+    return gx
+
+
+def pow2_fwd_at(
+    x: Tensor, x_min: Tensor, x_max: Tensor, i: int, signed: bool, with_zero: bool
+) -> Tensor:
+    """:func:`pow2_fwd` with the scalars at entry ``i`` (as :func:`uniform_fwd_at`)."""
+    y = torch.empty_like(x)
+    library().mixq_pow2_fwd(_ptr(x), _ptr(y), x.numel(), _at(x_min, i), _at(x_max, i),
+                            int(signed), int(with_zero), None,
+                            torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def pow2_bwd_at(
+    x: Tensor, g: Tensor, x_min: Tensor, x_max: Tensor, i: int, signed: bool, with_zero: bool,
+    need_x: bool, sums: Tensor, row: int,
+) -> Tensor | None:  # fmt: skip
+    """:func:`pow2_bwd` with the scalars at entry ``i``, the sums to ``sums[row]``."""
+    gx = torch.empty_like(x) if need_x else None
+    library().mixq_pow2_bwd(_ptr(x), _ptr(g), _ptr(gx) if need_x else None, x.numel(),
+                            _at(x_min, i), _at(x_max, i), int(signed), int(with_zero), None,
+                            _at(sums, 2 * row), torch.get_num_threads())  # fmt: skip
+    return gx
+
+
 def pow2_fwd(
     x: Tensor, x_min: Tensor, x_max: Tensor, signed: bool, with_zero: bool,
     cap: float | None = None,
