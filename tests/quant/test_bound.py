@@ -223,3 +223,16 @@ def test_deepcopy_binds_the_copy(calls):
     assert calls[0] > 0
     assert all(p.grad is None for p in a.parameters())
     assert all(p.grad is not None for _, q in quantizers(c) for p in q.parameters())
+
+
+def test_tracers_see_the_per_layer_calls(calls):
+    """``torch.jit.trace`` (the TorchScript ONNX exporter's tracer) records the layers' own
+    quantizer calls, not the batch node, and the traced module gives the same outputs."""
+    a, b = _pair(QuantConfig())
+    a.eval()
+    b.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(a, (x,), check_trace=False)
+    assert calls[0] == 0
+    assert torch.equal(traced(x), b(x))

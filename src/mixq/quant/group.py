@@ -497,10 +497,12 @@ def check_cached(owner: object) -> None:
 
 
 def _tracing() -> bool:
-    """Inside torch.compile / torch.export, or under a TorchFunctionMode (mixq's site trace)."""
+    """Inside torch.compile / torch.export / torch.jit.trace, or under a TorchFunctionMode
+    (mixq's site trace)."""
     return (
         torch.compiler.is_compiling()
         or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
         or torch._C._is_torch_function_mode_enabled()
     )
 
