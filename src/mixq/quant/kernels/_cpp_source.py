@@ -9,8 +9,8 @@ auto-vectoriser. A tail shorter than a vector is copied into a zero-padded block
 nothing to the sums). Each sum is accumulated in float32 lanes over a block of at most 16
 vectors and every block's lanes are added into float64 lanes (per thread), then added up in a
 fixed order: deterministic for a given thread count. Widening every vector to float64 made the
-backward pass about 1.4x slower, and 16 float32 terms per lane lose far less than the float32
-sums of the reference.
+backward pass 1.25-1.8x slower (docs/speed.md), and 16 float32 terms per lane lose far less
+than the float32 sums of the reference.
 
 Element formulas (identical to ``functional_reference.py``; see ``functional.py``):
 
