@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mixq.layers import QuantAct, QuantOut
-from mixq.quant.group import cached_groups
+from mixq.quant.group import SHARED_DERIVED, cached_groups
 from mixq.sites import Site, SiteTable, table_of
 
 FLOAT_BITS = 32
@@ -86,7 +86,14 @@ def _weight_tensors(model: nn.Module) -> tuple[list, list[int], int]:
 
 def bitwidth_surrogates(model: nn.Module, qs: list) -> Tensor:
     """``stack([q.bitwidth_surrogate() for q in qs])``, computed in one batch per group of
-    quantizers (:mod:`mixq.quant.group`; equal bit for bit)."""
+    quantizers (:mod:`mixq.quant.group`; equal bit for bit): in a training step on the vectors
+    the model's last forward derived (:meth:`mixq.quant.group.SharedDerived.bitwidths`), else
+    afresh."""
+    shared = model.__dict__.get(SHARED_DERIVED)
+    if shared is not None:
+        bits = shared.bitwidths(qs)
+        if bits is not None:
+            return bits
     return cached_groups(model, qs).bitwidths()
 
 

@@ -14,7 +14,9 @@
 Each quantizer's parameters are 0-d tensors; 1, 2 and 4 and the quantizers' derived scalars in
 the forward run for all quantizers together (:mod:`mixq.quant.group`: a handful of operations
 per group of quantizers of one parametrization, not dozens per quantizer; the same values bit
-for bit). ``compile=True`` runs the penalty, 2 and 4 each as one ``torch.compile``d function.
+for bit), and the penalty reads the parameters the forward stacked, so that its gradient and
+the forward's are added once per group. ``compile=True`` runs the penalty, 2 and 4 each as one
+``torch.compile``d function.
 """
 
 from __future__ import annotations

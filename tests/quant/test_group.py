@@ -360,6 +360,70 @@ def test_penalty_bit_for_bit(config, budget):
             assert _same(p.grad, pr.grad), n
 
 
+@pytest.mark.parametrize("config", [QuantConfig(), MIXED, INPUTS], ids=["d_qmax", "mixed",
+                                                                       "inputs"])  # fmt: skip
+@pytest.mark.parametrize("budget", BUDGETS, ids=["w", "w+max", "sum+peak+max"])
+def test_penalty_after_a_forward_reads_its_vectors(config, budget):
+    """After a forward with gradients the penalty's surrogates come from the forward's stacked
+    parameters (no second stack of them), with the values and gradients of the reference."""
+    a = _model(config)
+    b = copy.deepcopy(a)
+    share_derived(a, [q for _, q in quantizers(a)])
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    out = a(x).square().sum()
+    with pytest.MonkeyPatch.context() as mp:  # the fresh path must not run
+        mp.setattr(QuantizerGroups, "bitwidths", lambda self: pytest.fail("stacked again"))
+        got = budget.penalty(a)
+    want = _reference_penalty(b, budget)
+    assert _same(got, want) and float(got) > 0
+    (out + got).backward()
+    (b(x).square().sum() + want).backward()
+    for (n, p), pr in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (p.grad is None) == (pr.grad is None), n
+        if p.grad is not None:
+            assert _same(p.grad, pr.grad), n
+
+
+def test_penalty_computed_afresh_when_the_forward_vectors_cannot_serve():
+    """No gradients, a quantizer outside the forward, a parameter changed in place since the
+    forward (an optimizer step): the penalty stacks the parameters again (current values)."""
+    a = _model(QuantConfig())
+    qs = [q for _, q in quantizers(a)]
+    shared = share_derived(a, qs)
+    budget = Budget.parse(weight="150B")
+    a(torch.randn(2, 3, 8, 8))
+    assert shared.bitwidths(qs) is not None
+    with torch.no_grad():
+        assert shared.bitwidths(qs) is None
+    assert shared.bitwidths([*qs, UniformQuantizer("d_qmax")]) is None
+    with torch.no_grad():
+        qs[0].q_max.mul_(0.5)
+    assert shared.bitwidths(qs) is None
+    want = _reference_penalty(copy.deepcopy(a), budget)
+    assert _same(budget.penalty(a), want)
+    shared.remove()
+    a(torch.randn(2, 3, 8, 8))
+    assert shared.bitwidths(qs) is None  # hooks removed: no forward vectors
+
+
+def test_a_quantizer_only_the_penalty_reads_gets_its_gradient():
+    """A member of the forward's groups that no layer called gets the penalty's gradient (the
+    forward alone would give it none), equal to its own surrogate's."""
+    model = _model(QuantConfig())
+    qs = [q for _, q in quantizers(model)]
+    extra = UniformQuantizer("d_qmax")
+    ref = copy.deepcopy(extra)
+    model[0].unused = extra
+    shared = share_derived(model, [*qs, extra])
+    out = model(torch.randn(2, 3, 8, 8)).sum()
+    bits = shared.bitwidths([extra, qs[1]])
+    assert bits is not None and _same(bits[0], ref.bitwidth_surrogate())
+    (out + 3.0 * bits[0]).backward()
+    (3.0 * ref.bitwidth_surrogate()).backward()
+    for p, pr in zip(extra.parameters(), ref.parameters(), strict=True):
+        assert p.grad is not None and _same(p.grad, pr.grad)
+
+
 def _reference_step(model, opt, budget, wd, x, y):
     """Spec 3.6 written out per quantizer (no batching anywhere)."""
     loss = F.cross_entropy(model(x), y)
@@ -457,6 +521,21 @@ def test_deepcopy_keeps_the_hooks_on_the_copy():
     share_derived(a, [q for _, q in quantizers(a)])
     b = copy.deepcopy(a)
     b(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(p.grad is None for p in a.parameters())
+    assert all(p.grad is not None for _, q in quantizers(b) for p in q.parameters())
+
+
+def test_a_model_copies_and_pickles_after_a_training_forward(tmp_path):
+    """The forward's vectors (not graph leaves) stay with the original: a copy made mid-step
+    (EMA, best-model snapshot) trains and computes its penalty from its own forward."""
+    a = _model(QuantConfig())
+    share_derived(a, [q for _, q in quantizers(a)])
+    x = torch.randn(2, 3, 8, 8)
+    a(x)
+    b = copy.deepcopy(a)
+    torch.save(a, tmp_path / "model.pt")
+    budget = Budget.parse(weight="150B")
+    (b(x).sum() + budget.penalty(b)).backward()
     assert all(p.grad is None for p in a.parameters())
     assert all(p.grad is not None for _, q in quantizers(b) for p in q.parameters())
 

@@ -31,7 +31,9 @@ methods inside the same calls.
 
 Use: :class:`QuantizerGroups` (``derived``, ``bitwidths``, ``constrain_``, ``clip_grad_``),
 :func:`cached_groups` (one per owner and quantizer list) and :func:`share_derived` (a model's
-forward derives every quantizer's scalars once, the quantizers read them).
+forward derives every quantizer's scalars once, the quantizers read them, and the memory
+penalty of the same step computes its bitwidth surrogates from the vectors that forward
+stacked: :meth:`SharedDerived.bitwidths`).
 """
 
 from __future__ import annotations
@@ -404,22 +406,23 @@ class QuantizerGroups:
         return [q for g in self.groups for q in g.members]
 
     # -- the four computations ---------------------------------------------------------------------
-    def derived_vectors(self) -> list[tuple[_Group, _Use, Derived]]:
-        """``(group, use, derived)`` of every group: its members' ``derived()`` as vectors
-        (differentiable), with the :class:`_Use` that its consumers mark."""
+    def derived_vectors(self) -> list[tuple[_Group, _Use, list[Tensor], Derived]]:
+        """``(group, use, raw, derived)`` of every group: its members' stacked raw parameters
+        and ``derived()`` as vectors (differentiable), with the :class:`_Use` that its
+        consumers mark."""
         self.check()
         out = []
         for g in self.groups:
             use = _Use(len(g.members))
             raw = g.raw(use)
-            out.append((g, use, g.derived(raw, g.consts(raw[0]))))
+            out.append((g, use, raw, g.derived(raw, g.consts(raw[0]))))
         return out
 
     def derived(self) -> list[tuple[Quantizer, Tensor, Tensor]]:
         """``(q, a, b)`` for every batchable quantizer: its ``derived()`` as 0-d views of the
         group's vectors (differentiable; the gradients of all members flow back together)."""
         out = []
-        for g, use, d in self.derived_vectors():
+        for g, use, _, d in self.derived_vectors():
             out += zip(g.members, *_split(use, d), strict=True)
         return out
 
@@ -507,6 +510,85 @@ def _tracing() -> bool:
     )
 
 
+class _Step:
+    """The stacked raw parameters and derived vectors of one forward with gradients, and the
+    version counters of the parameters they were stacked from
+    (:meth:`SharedDerived.bitwidths`)."""
+
+    __slots__ = ("groups", "params", "vectors", "versions")
+
+    def __init__(self, groups: list[_Group], vectors: list) -> None:
+        self.groups, self.vectors = groups, vectors
+        self.params = [p for g in groups for p in g.params()]
+        self.versions = [p._version for p in self.params]
+
+    def current(self) -> bool:
+        """No parameter was changed in place (an optimizer step, a load) since the forward."""
+        return [p._version for p in self.params] == self.versions
+
+
+@dataclass
+class _Plan:
+    """Where each quantizer of a list sits in the groups of :class:`SharedDerived`:
+    ``groups``: ``(group index, member indices of the list)`` of every group it needs, in group
+    order; ``solo``: its quantizers computed one by one, after them; ``index``: entry ``j`` of
+    the result is entry ``index[j]`` of the groups' concatenated surrogates then the solo ones
+    (None: the identity)."""
+
+    quantizers: list[Quantizer]
+    grouping: list[_Group]
+    groups: list[tuple[int, list[int]]]
+    solo: list[Quantizer]
+    index: Tensor | None
+
+    def valid_for(self, quantizers: Sequence[Quantizer], grouping: list[_Group]) -> bool:
+        return grouping is self.grouping and len(quantizers) == len(self.quantizers) and all(
+            a is b for a, b in zip(quantizers, self.quantizers, strict=True)
+        )
+
+    @classmethod
+    def build(cls, quantizers: Sequence[Quantizer], groups: QuantizerGroups) -> _Plan | None:
+        where: dict[int, tuple[int, int]] = {}
+        for gi, g in enumerate(groups.groups):
+            for i, q in enumerate(g.members):
+                where.setdefault(id(q), (gi, i))
+        solo_ids = {id(groups.quantizers[i]) for i in groups.solo}
+        marks: dict[int, list[int]] = {}
+        solo: list[Quantizer] = []
+        solo_at: dict[int, int] = {}
+        for q in quantizers:
+            if id(q) in where:
+                gi, i = where[id(q)]
+                marks.setdefault(gi, []).append(i)
+            elif id(q) in solo_ids:
+                if id(q) not in solo_at:
+                    solo_at[id(q)] = len(solo)
+                    solo.append(q)
+            else:
+                return None  # not one of the forward's quantizers
+        order = sorted(marks)
+        offset, start = {}, 0
+        for gi in order:
+            offset[gi] = start
+            start += len(groups.groups[gi].members)
+        positions = []
+        for q in quantizers:
+            if id(q) in where:
+                gi, i = where[id(q)]
+                positions.append(offset[gi] + i)
+            else:
+                positions.append(start + solo_at[id(q)])
+        identity = positions == list(range(start + len(solo)))
+        return cls(
+            list(quantizers), groups.groups, [(gi, marks[gi]) for gi in order], solo,
+            None if identity else torch.tensor(positions),
+        )  # fmt: skip
+
+
+SHARED_DERIVED = "_mixq_shared_derived"
+"""Where :func:`share_derived` keeps a model's :class:`SharedDerived` (in its ``__dict__``)."""
+
+
 class SharedDerived:
     """Forward hooks of a model: before each forward, derive the scalars of every batchable
     quantizer of ``groups`` in one batch and hand each quantizer its ``(a, b)``, and
@@ -526,6 +608,8 @@ class SharedDerived:
         self._bindings: dict[_Group, list[bound.Binding]] = {}
         self._bound_of: list[_Group] | None = None
         self._handed: list[bound.Binding] = []
+        self._step: _Step | None = None
+        self._plans: dict[tuple, _Plan] = {}
 
     def _bindings_of(self, g: _Group) -> list[bound.Binding]:
         if self._bound_of is not self.groups.groups:  # regrouped: the members moved
@@ -537,16 +621,74 @@ class SharedDerived:
 
     def before(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook."""
+        self._step = None
         if _tracing():
             return
         grad = torch.is_grad_enabled()
-        for g, use, d in self.groups.derived_vectors():
+        vectors = self.groups.derived_vectors()
+        for g, use, _, d in vectors:
             for q, a, b in zip(g.members, *_split(use, d), strict=True):
                 q.__dict__[SHARED] = (a, b, grad)
             if self._found:
                 todo = self._bindings_of(g)
                 if todo:
                     self._handed += bound.quantize_bound(todo, g.uniform, use, d.a, d.b, grad)
+        if grad:
+            self._step = _Step(self.groups.groups, vectors)
+
+    def bitwidths(self, quantizers: Sequence[Quantizer]) -> Tensor | None:
+        """``stack([q.bitwidth_surrogate() for q in quantizers])`` (spec 5.2) from the raw
+        parameters the last forward stacked, or None when they cannot serve.
+
+        The memory penalty of a training step reads the quantizers the forward just derived;
+        computing their surrogates on the forward's vectors (rather than stacking the
+        parameters again) makes the penalty's gradient and the forward's meet in one vector per
+        group, so each parameter receives one sum, not one per consumer. The values equal
+        :meth:`QuantizerGroups.bitwidths` bit for bit (the same operations on the same stacked
+        values), and so do the gradients where each quantizer has one consumer in the forward
+        (the penalty's and the forward's gradients are added once, at the stacked parameter,
+        as they are at the parameter per quantizer); else up to the order of summation.
+
+        None (the caller computes afresh) without gradients, under tracing, after a
+        regrouping, when a parameter changed since that forward (its version counter), for an
+        empty list, or when a quantizer of ``quantizers`` was not among the forward's.
+        """
+        step = self._step
+        if step is None or not quantizers or not torch.is_grad_enabled() or _tracing():
+            return None
+        self.groups.check()
+        if step.groups is not self.groups.groups or not step.current():
+            return None
+        plan = self._plan(quantizers)
+        if plan is None:
+            return None
+        parts = []
+        for gi, marks in plan.groups:
+            g, use, raw, _ = step.vectors[gi]
+            for i in marks:  # the penalty's gradient reaches them (see _Stack)
+                use.used[i] = True
+            # derived anew from the shared raw vectors: the two gradients then meet where the
+            # per-quantizer path adds them (at the raw parameters), so the sums are the same
+            parts.append(g.bitwidths(raw, g.consts(raw[0])))
+        parts += [q.bitwidth_surrogate().reshape(1) for q in plan.solo]
+        values = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if plan.index is None:
+            return values
+        if plan.index.device != values.device:
+            plan.index = plan.index.to(values.device)
+        return values[plan.index]
+
+    def _plan(self, quantizers: Sequence[Quantizer]) -> _Plan | None:
+        key = tuple(id(q) for q in quantizers)
+        plan = self._plans.get(key)
+        if plan is not None and plan.valid_for(quantizers, self.groups.groups):
+            return plan
+        plan = _Plan.build(quantizers, self.groups)
+        if plan is not None:
+            if len(self._plans) > 16:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def after(self, module: nn.Module, args: tuple, output: object) -> None:
         """The forward hook (``always_call``)."""
@@ -558,8 +700,16 @@ class SharedDerived:
             bound.release(self._handed)
             self._handed = []
 
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickle) starts without the last forward's vectors: they are not
+        # graph leaves (no deepcopy), and they belong to the original's step
+        state = dict(self.__dict__)
+        state["_step"], state["_plans"] = None, {}
+        return state
+
     def remove(self) -> None:
         """Unregister both hooks."""
+        self._step = None
         for h in self.handles:
             h.remove()
         self.handles = []
@@ -571,7 +721,7 @@ def share_derived(model: nn.Module, quantizers: Sequence[Quantizer]) -> SharedDe
     Replaces the hooks an earlier call put on ``model``; returns the hook object
     (``.remove()`` unregisters it).
     """
-    old = model.__dict__.get("_mixq_shared_derived")
+    old = model.__dict__.get(SHARED_DERIVED)
     if old is not None:
         old.remove()
     s = SharedDerived(cached_groups(model, quantizers), model)
@@ -579,11 +729,12 @@ def share_derived(model: nn.Module, quantizers: Sequence[Quantizer]) -> SharedDe
         model.register_forward_pre_hook(s.before),
         model.register_forward_hook(s.after, always_call=True),
     ]
-    model.__dict__["_mixq_shared_derived"] = s
+    model.__dict__[SHARED_DERIVED] = s
     return s
 
 
 __all__ = [
+    "SHARED_DERIVED",
     "Derived",
     "QuantizerGroups",
     "SharedDerived",
