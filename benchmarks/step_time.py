@@ -20,6 +20,10 @@ Variants:
 * ``mixq-p2``: power-of-two ``qmin_qmax`` weights and activations.
 * ``mixq-inputs`` (not in the default list): ``activation_sites="inputs"``, every layer input
   and activation output quantized (``--model mobilenet_v2`` for a model where that adds sites).
+* ``mixq-wa-static`` / ``mixq-inputs-static`` (not in the default list): ``mixq-wa`` /
+  ``mixq-inputs`` with ``learnable=False`` for every quantizer (no quantizer parameter
+  trained: no gradients, clip, projection or optimizer work for them; the penalty has nothing
+  to move), what the fake quantization costs without the learned scalars.
 * ``*-ref``: the same with ``MIXQ_KERNEL=reference`` (the implementation before the fast
   paths), selected per step with :func:`mixq.quant.kernels.use`.
 * ``*-eager`` / ``*-inductor``: the same with the eager PyTorch path or its ``torch.compile``
@@ -195,6 +199,14 @@ CONFIGS: dict[str, QuantConfig] = {
     "mixq-w": QuantConfig(activation=SiteConfig(quantizer="float")),
     "mixq-wa": QuantConfig(),
     "mixq-inputs": QuantConfig(activation_sites="inputs"),
+    "mixq-wa-static": QuantConfig(
+        weight=SiteConfig(learnable=False), activation=SiteConfig(learnable=False)
+    ),
+    "mixq-inputs-static": QuantConfig(
+        activation_sites="inputs",
+        weight=SiteConfig(learnable=False),
+        activation=SiteConfig(learnable=False),
+    ),
     "mixq-p2": QuantConfig(
         weight=SiteConfig(quantizer="pow2/qmin_qmax"),
         activation=SiteConfig(quantizer="pow2/qmin_qmax"),
@@ -209,7 +221,7 @@ ALL = ["float", "mixq-w", "mixq-wa", "mixq-p2", "mixq-w-ref", "mixq-wa-ref", "mi
 EXTRA = [f"{b}{s}" for b in ("mixq-w", "mixq-wa", "mixq-p2")
          for s in ("-eager", "-inductor", "-torch", "-compiled")]  # fmt: skip
 EXTRA += ["float-compile", "mixq-wa-compile", "mixq-p2-compile", "float-ema", "mixq-wa-ema"]
-EXTRA += ["mixq-inputs"]
+EXTRA += ["mixq-inputs", "mixq-wa-static", "mixq-inputs-static"]
 
 #: ``--model``: the network every variant is built from (input 3x32x32).
 ARCHS = {"resnet20": resnet20, "mobilenet_v2": lambda: mobilenet_v2(num_classes=10)}
