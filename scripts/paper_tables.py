@@ -20,6 +20,7 @@ Rows and the paper's errors (spec ``docs/method.md`` sections 8.1-8.2) are in :d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -139,14 +140,18 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def row_result(run_dir: Path) -> dict | None:
-    """The delivered numbers of one run: best test error among budget-meeting epochs, sizes."""
+    """The delivered numbers of one run: best test error among budget-meeting epochs, sizes,
+    and ``rise``, the largest increase of the test error from one epoch to the next (points;
+    0 when it never rose): how much the run oscillates, the paper's other Table 1 criterion."""
     rows = _metrics(run_dir)
     if not rows:
         return None
     met = [m for m in rows if m.get("budget_met")]
     best = max(met, key=lambda m: m["test_acc"]) if met else None
     last = rows[-1]
+    errs = [100 * (1 - m["test_acc"]) for m in rows]
     return {
+        "rise": max([0.0] + [b - a for a, b in itertools.pairwise(errs)]),
         "epochs": len(rows),
         "state": row_state(run_dir),
         "err": None if best is None else 100 * (1 - best["test_acc"]),
@@ -168,9 +173,9 @@ def write_table(args: argparse.Namespace) -> int:
     for table in ("3", "1"):
         out += [
             f"\n#### Table {table}\n",
-            "| row | paper err | mixq err (best epoch) | gap to float | final err | W KiB | "
-            "A max KiB | A sum KiB | budget met (epochs) | epochs run |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| row | paper err | mixq err (best epoch) | gap to float | final err | largest rise | "
+            "W KiB | A max KiB | A sum KiB | budget met (epochs) | epochs run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row, (tab, paper, label) in ROWS.items():
             if tab != table:
@@ -179,7 +184,7 @@ def write_table(args: argparse.Namespace) -> int:
             if r is None:
                 started = (runs / row / "config.yaml").is_file()
                 what = "started, no epoch finished yet" if started else "not run"
-                out.append(f"| {label} (`{row}`) | {paper:.2f}% | {what} | | | | | | | |")
+                out.append(f"| {label} (`{row}`) | {paper:.2f}% | {what} | | | | | | | | |")
                 continue
             err = "no epoch met the budget" if r["err"] is None else (
                 f"{r['err']:.2f}% ({r['best_epoch']})"
@@ -190,7 +195,8 @@ def write_table(args: argparse.Namespace) -> int:
                 state += " (non-finite loss)"
             out.append(
                 f"| {label} (`{row}`) | {paper:.2f}% | {err} | {gap} | {r['final_err']:.2f}% | "
-                f"{r['weight_kib']:.2f} | {r['act_max_kib']:.2f} | {r['act_sum_kib']:.2f} | "
+                f"{r['rise']:.2f} | {r['weight_kib']:.2f} | {r['act_max_kib']:.2f} | "
+                f"{r['act_sum_kib']:.2f} | "
                 f"{r['met_epochs']} | {r['epochs']}{state} |"
             )
     print("\n".join(out))

@@ -63,9 +63,27 @@ def test_queue_time_limit_resume_and_table(pt, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| Ours (8a), uniform (`u3-w70kb`) | 8.59% |" in table
     assert "| Fixed 2/32, uniform (`fixed-u-w2`) | 10.81% |" in table
+    assert "| largest rise |" in table
     assert "not run" in table  # the other rows
     summary = json.loads((row / "summary.json").read_text())
     assert summary["final"]["epoch"] == 2
+
+
+def test_largest_rise_of_the_test_error(pt, tmp_path):
+    """The oscillation column: the largest epoch-to-epoch increase of the test error."""
+    run = tmp_path / "t1-u1-w-float"
+    run.mkdir()
+    accs = [0.80, 0.85, 0.82, 0.86, 0.855]  # errors 20, 15, 18, 14, 14.5: rises 3 and 0.5
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": i + 1, "test_acc": a, "budget_met": True, "train_loss": 0.5,
+                    "weight_kib": 200.0, "act_max_kib": 64.0, "act_sum_kib": 736.0}) + "\n"
+        for i, a in enumerate(accs)))  # fmt: skip
+    r = pt.row_result(run)
+    assert r["rise"] == pytest.approx(3.0) and r["err"] == pytest.approx(14.0)
+    one = {"epoch": 1, "test_acc": 0.9, "budget_met": True, "train_loss": 0.5,
+           "weight_kib": 1.0, "act_max_kib": 1.0, "act_sum_kib": 1.0}  # fmt: skip
+    (run / "metrics.jsonl").write_text(json.dumps(one))
+    assert pt.row_result(run)["rise"] == 0.0
 
 
 def test_unknown_row_is_refused(pt, tmp_path):
