@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import zoo
 from mixq import quantize_model
+from mixq.config import QuantConfig
 from mixq.convert import quantizers
 from mixq.cost import Budget
 from mixq.qat import QATStep, param_groups
 from mixq.quant import Pow2Quantizer, UniformQuantizer
+from mixq.quant.group import SHARED_DERIVED
 
 
 def _setup():
@@ -121,3 +127,33 @@ def test_param_groups(decay_norm_and_bias):
         assert names == ["weights", "norms_and_biases", "quantizers"]
         assert all(p.ndim > 1 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
         assert all(p.ndim <= 1 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("name", ["Functional", "SE", "Residual", "Branches", "MLPBlock",
+                                  "TwoBranch"])  # fmt: skip
+def test_penalty_on_the_forward_vectors_trains_as_computed_afresh(name):
+    """Every hand-written zoo model (functional activations, gates, a reused ReLU, residual adds,
+    concatenations, a transformer MLP), every layer input quantized, all four budgets: three
+    QATSteps whose penalty reads the forward's stacked parameters give the parameters of three
+    steps that stack them again, bit for bit."""
+    torch.manual_seed(0)
+    net = getattr(zoo, name)()
+    x = torch.randn(2, *zoo.SHAPES[type(net)])
+    a = quantize_model(net, QuantConfig(activation_sites="inputs"), example_input=x)
+    b = copy.deepcopy(a)
+    budget = Budget.parse(weight="1B", activation_sum="1B", activation_max="1B",
+                          activation_peak="1B")  # fmt: skip
+    steps = []
+    for m in (a, b):
+        opt = torch.optim.SGD(param_groups(m, 2e-4), lr=0.01, momentum=0.9)
+        steps.append(QATStep(m, opt, budget, weight_decay=2e-4))
+    b.__dict__[SHARED_DERIVED].bitwidths = lambda qs: None  # always stack afresh
+    shared, served = a.__dict__[SHARED_DERIVED], []
+    own = shared.bitwidths
+    shared.bitwidths = lambda qs: served.append(own(qs)) or served[-1]
+    for _ in range(3):
+        for m, step in zip((a, b), steps, strict=True):
+            step(F.cross_entropy(m(x).reshape(2, -1), torch.zeros(2, dtype=torch.long)))
+    assert len(served) == 3 and all(v is not None for v in served)
+    for (n, p), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, pb), n
