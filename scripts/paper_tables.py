@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 #: Row -> (table, paper's error % with a float init (uniform or pow-2 column), label).
 ROWS: dict[str, tuple[str, float | None, str]] = {
     # Table 3 first: its claims are the paper's headline.
@@ -139,6 +141,18 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_BUDGETS = ("weight", "activation_sum", "activation_max", "activation_peak")
+
+
+def _budgeted(run_dir: Path) -> bool | None:
+    """Whether the run's resolved config sets a memory budget (None: no config.yaml)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    budget = (yaml.safe_load(path.read_text()) or {}).get("budget") or {}
+    return any(budget.get(k) is not None for k in _BUDGETS)
+
+
 def row_result(run_dir: Path) -> dict | None:
     """The delivered numbers of one run: best test error among budget-meeting epochs, sizes,
     and ``rise``, the largest increase of the test error from one epoch to the next (points;
@@ -151,6 +165,7 @@ def row_result(run_dir: Path) -> dict | None:
     last = rows[-1]
     errs = [100 * (1 - m["test_acc"]) for m in rows]
     return {
+        "budgeted": _budgeted(run_dir),
         "rise": max([0.0] + [b - a for a, b in itertools.pairwise(errs)]),
         "epochs": len(rows),
         "state": row_state(run_dir),
@@ -197,7 +212,8 @@ def write_table(args: argparse.Namespace) -> int:
                 f"| {label} (`{row}`) | {paper:.2f}% | {err} | {gap} | {r['final_err']:.2f}% | "
                 f"{r['rise']:.2f} | {r['weight_kib']:.2f} | {r['act_max_kib']:.2f} | "
                 f"{r['act_sum_kib']:.2f} | "
-                f"{r['met_epochs']} | {r['epochs']}{state} |"
+                f"{'no budget' if r['budgeted'] is False else r['met_epochs']} | "
+                f"{r['epochs']}{state} |"
             )
     print("\n".join(out))
     return 0

@@ -64,13 +64,17 @@ def test_queue_time_limit_resume_and_table(pt, tmp_path, capsys):
     assert "| Ours (8a), uniform (`u3-w70kb`) | 8.59% |" in table
     assert "| Fixed 2/32, uniform (`fixed-u-w2`) | 10.81% |" in table
     assert "| largest rise |" in table
+    fixed = next(line for line in table.splitlines() if "`fixed-u-w2`" in line)
+    learned = next(line for line in table.splitlines() if "`u3-w70kb`" in line)
+    assert "| no budget |" in fixed and "no budget" not in learned
     assert "not run" in table  # the other rows
     summary = json.loads((row / "summary.json").read_text())
     assert summary["final"]["epoch"] == 2
 
 
-def test_largest_rise_of_the_test_error(pt, tmp_path):
-    """The oscillation column: the largest epoch-to-epoch increase of the test error."""
+def test_largest_rise_and_budget_columns(pt, tmp_path):
+    """The oscillation column (the largest epoch-to-epoch increase of the test error) and
+    whether the run's config sets a budget at all."""
     run = tmp_path / "t1-u1-w-float"
     run.mkdir()
     accs = [0.80, 0.85, 0.82, 0.86, 0.855]  # errors 20, 15, 18, 14, 14.5: rises 3 and 0.5
@@ -84,6 +88,11 @@ def test_largest_rise_of_the_test_error(pt, tmp_path):
            "weight_kib": 1.0, "act_max_kib": 1.0, "act_sum_kib": 1.0}  # fmt: skip
     (run / "metrics.jsonl").write_text(json.dumps(one))
     assert pt.row_result(run)["rise"] == 0.0
+    assert pt.row_result(run)["budgeted"] is None  # no config.yaml
+    (run / "config.yaml").write_text("budget:\n  weight: null\n  activation_max: null\n")
+    assert pt.row_result(run)["budgeted"] is False
+    (run / "config.yaml").write_text("budget:\n  weight: 70KB\n  activation_max: null\n")
+    assert pt.row_result(run)["budgeted"] is True
 
 
 def test_unknown_row_is_refused(pt, tmp_path):
